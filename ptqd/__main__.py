@@ -1,0 +1,3 @@
+from ptqd.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""Train the built-in model: a DDPM UNet and a digit classifier on scikit-learn's digits.
+
+    python -m ptqd.builtin.train --output ptqd/builtin/digits-ddpm
+
+Seeded and CPU-only, so a rerun on the same torch build reproduces the shipped weights.
+The result is a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/) plus
+classifier/ with the judge network that the evaluation uses.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ptqd.builtin.classifier import DigitClassifier
+from ptqd.builtin.digits import IMAGE_SIZE, load_digits_images
+
+
+def build_unet():
+    from diffusers import UNet2DModel
+
+    # One attention level so the built-in model exercises the Linear/MatMul paths that
+    # real diffusion UNets have, while staying small enough to calibrate on 2 CPU cores.
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=32,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # clip_sample=False keeps every DDIM step affine in the noise prediction, which is what
+    # lets the exporter fold PTQD's corrections into per-step constants (PTQD.md §4).
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                         beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                         prediction_type="epsilon")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_unet(images: torch.Tensor, steps: int, batch: int, seed: int):
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    unet = build_unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    noise_sched = DDPMScheduler.from_config(build_scheduler().config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    data = images * 2.0 - 1.0
+    start, running = time.time(), None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3)
+        idx = torch.randint(0, len(data), (batch,), generator=gen)
+        x0 = data[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1.0 - 0.999)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"unet step {step:5d}/{steps}  loss {running:.4f}  {time.time() - start:7.1f}s",
+                  flush=True)
+    return ema.eval(), time.time() - start
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, epochs: int = 30):
+    torch.manual_seed(seed)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    test_idx, train_idx = perm[:360], perm[360:]
+    model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        for chunk in order.split(64):
+            x = images[chunk]
+            # One-pixel shifts make the judge robust to the small misplacements samples have.
+            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(x), labels[chunk])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(images[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
+    return model, acc
+
+
+def save(output: Path, unet, classifier, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    output.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(output / "unet")
+    build_scheduler().save_pretrained(output / "scheduler")
+    (output / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDIMPipeline", "_diffusers_version": info["diffusers"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+    }, indent=2) + "\n")
+    (output / "classifier").mkdir(exist_ok=True)
+    save_file(classifier.state_dict(), str(output / "classifier" / "classifier.safetensors"))
+    (output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    import diffusers
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    images_np, labels_np = load_digits_images()
+    images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np)
+    unet, unet_seconds = train_unet(images, args.steps, args.batch, args.seed)
+    classifier, acc = train_classifier(images, labels, args.seed)
+    print(f"classifier held-out accuracy {acc:.3f}")
+    save(args.output, unet, classifier, {
+        "seed": args.seed, "steps": args.steps, "batch": args.batch,
+        "unet_train_seconds": round(unet_seconds, 1), "classifier_holdout_accuracy": round(acc, 4),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
+        "numpy": np.__version__,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Timestep-aware calibration data: the full-precision DDIM trajectories of the deployed
+scheduler, step count and eta, with the UNet's input and output at every step and a sample
+of every quantizable layer's input activation (PTQD.md §1).
+
+Calibration samples use indices far from the ones `ptqd sample` draws (0, 1, 2, ...), so
+the seeds a user evaluates on were never seen by the calibration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ptqd.calibration.layers import quantizable_layers
+from ptqd.calibration.trajectory import ddim_trajectory
+from ptqd.engines.noise import SampleNoise
+
+CALIBRATION_INDEX_OFFSET = 1_000_000
+VALUES_PER_CALL = 2048
+
+
+@dataclass
+class CalibrationData:
+    timesteps: list[int]
+    x: torch.Tensor                       # [steps, n, C, H, W]: UNet input x_t
+    eps: torch.Tensor                     # [steps, n, C, H, W]: full-precision eps(x_t, t)
+    act_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_absmax: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[1]
+
+
+class ActivationObserver:
+    """Forward pre-hooks that keep the running |max| and a seeded random sample of inputs."""
+
+    def __init__(self, unet, layers: list[str], seed: int):
+        self.values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.absmax: dict[str, float] = {n: 0.0 for n in layers}
+        self.gen = torch.Generator().manual_seed(seed)
+        modules = quantizable_layers(unet)
+        self.hooks = [modules[n].register_forward_pre_hook(self._hook(n)) for n in layers]
+
+    def _hook(self, name):
+        def hook(module, inputs):
+            x = inputs[0].detach().flatten()
+            self.absmax[name] = max(self.absmax[name], float(x.abs().max()))
+            idx = torch.randint(0, x.numel(), (min(VALUES_PER_CALL, x.numel()),), generator=self.gen)
+            self.values[name].append(x[idx].clone())
+        return hook
+
+    def close(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        for h in self.hooks:
+            h.remove()
+        return {n: torch.cat(v) for n, v in self.values.items()}, self.absmax
+
+
+def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: int, seed: int,
+            layers: list[str], batch_size: int = 64, progress: bool = True) -> CalibrationData:
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, size, size)
+    xs = [[] for _ in range(steps)]
+    eps = [[] for _ in range(steps)]
+    timesteps = [0] * steps
+
+    def record(index, t, x, e):
+        timesteps[index] = t
+        xs[index].append(x.clone())
+        eps[index].append(e.clone())
+
+    observer = ActivationObserver(unet, layers, seed)
+    try:
+        with tqdm(total=num_samples * steps, unit="img-step", desc="calibration trajectories",
+                  disable=not progress or None, leave=False) as bar:
+            for start in range(0, num_samples, batch_size):
+                count = min(batch_size, num_samples - start)
+                noise = SampleNoise(seed, CALIBRATION_INDEX_OFFSET + start, count, shape)
+                ddim_trajectory(unet, scheduler_config, steps, eta, noise, on_step=record,
+                                progress=lambda: bar.update(count))
+    finally:
+        values, absmax = observer.close()
+    return CalibrationData(timesteps, torch.stack([torch.cat(v) for v in xs]),
+                           torch.stack([torch.cat(e) for e in eps]), values, absmax)

@@ -1,0 +1,52 @@
+"""The PyTorch fake-quant UNet: float kernels fed the exact values a QDQ graph computes."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqd.calibration.params import ConfigQuant, LayerQuant
+from ptqd.quant_math import IntGrid, fake_quantize
+
+
+class FakeQuantLayer(nn.Module):
+    """Conv2d or Linear with its input fake-quantized per tensor and its weight per channel."""
+
+    def __init__(self, layer: nn.Module, lq: LayerQuant, weight_bits: int, act_bits: int):
+        super().__init__()
+        self.layer = layer
+        self.act_grid = IntGrid(act_bits)
+        self.register_buffer("act_scale", lq.act_scale.to(torch.float32))
+        weight = fake_quantize(layer.weight.detach(), lq.weight_scale, IntGrid(weight_bits), axis=0)
+        self.register_buffer("weight_q", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quantize(x, self.act_scale, self.act_grid)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, self.weight_q, self.layer.bias)
+        return F.linear(x, self.weight_q, self.layer.bias)
+
+
+def fake_quant_unet(unet: nn.Module, quant: ConfigQuant) -> nn.Module:
+    """A copy of `unet` with every calibrated layer replaced; the original is untouched."""
+    model = copy.deepcopy(unet)
+    for name, lq in quant.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FakeQuantLayer(getattr(parent, child), lq,
+                                              quant.config.weight_bits, quant.config.act_bits))
+    return model.eval()
+
+
+class TorchUNetEngine:
+    """A torch UNet as a numpy engine for the shared sampler loop."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    @torch.no_grad()
+    def __call__(self, sample, timestep):
+        out = self.unet(torch.from_numpy(sample), torch.from_numpy(timestep)).sample
+        return out.numpy()

@@ -1,0 +1,104 @@
+"""Step-aware mixed precision (PTQD.md §5): which bit configuration runs each step.
+
+Cost of a configuration: BOPs = sum over Conv/Linear layers of MACs * b_w * b_a, with
+layers kept in float counted at 32 x 32. Noise of a configuration at a step: the variance
+its leftover residual adds to x_{t-1}, (B_t sigma_q)^2, where B_t is the folded
+coefficient of eps at that step.
+
+Policies: "off" (the base configuration everywhere), "snr:<dB>" (per step the cheapest
+configuration whose SNR after correction reaches the threshold), "budget:<ratio>" (least
+total noise with total BOPs at most ratio x the base configuration's, solved exactly).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ptqd.calibration.configs import is_kept
+from ptqd.calibration.layers import LayerInfo
+from ptqd.errors import UserError
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str          # "off", "snr", "budget"
+    value: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Policy":
+        text = text.strip().lower()
+        if text == "off":
+            return cls("off")
+        match = re.fullmatch(r"(snr|budget):([0-9.]+)", text)
+        if not match:
+            raise UserError(f"--mixed-precision {text!r}: expected off, snr:<dB> or budget:<ratio>")
+        kind, value = match.group(1), float(match.group(2))
+        if kind == "budget" and value < 1.0:
+            raise UserError("--mixed-precision budget ratio must be >= 1 (1 = the base configuration)")
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "off" else f"{self.kind}:{self.value:g}"
+
+
+def config_bops(layers: list[LayerInfo], weight_bits: int, act_bits: int, keep: tuple[str, ...]) -> int:
+    total = 0
+    for layer in layers:
+        bw, ba = (FLOAT_BITS, FLOAT_BITS) if is_kept(layer.name, keep) else (weight_bits, act_bits)
+        total += layer.macs * bw * ba
+    return total
+
+
+def fp32_bops(layers: list[LayerInfo]) -> int:
+    return sum(layer.macs for layer in layers) * FLOAT_BITS * FLOAT_BITS
+
+
+def choose_by_snr(snr_db: dict[str, list[float]], bops: dict[str, int], threshold: float) -> list[str]:
+    by_cost = sorted(snr_db, key=lambda c: bops[c])
+    steps = len(next(iter(snr_db.values())))
+    schedule = []
+    for i in range(steps):
+        ok = [c for c in by_cost if snr_db[c][i] >= threshold]
+        schedule.append(ok[0] if ok else max(by_cost, key=lambda c: snr_db[c][i]))
+    return schedule
+
+
+def choose_by_budget(noise: dict[str, list[float]], bops: dict[str, int], budget: float) -> list[str]:
+    """Least total noise with total BOPs <= budget: an exact DP over steps whose states are
+    the distinct totals spent so far, keeping only states not dominated in (cost, noise)."""
+    configs = sorted(noise)
+    steps = len(noise[configs[0]])
+    states: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}
+    for i in range(steps):
+        nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
+        for cost, (total, path) in states.items():
+            for c in configs:
+                new_cost, new_total = cost + bops[c], total + noise[c][i]
+                if new_cost > budget:
+                    continue
+                if new_cost not in nxt or new_total < nxt[new_cost][0]:
+                    nxt[new_cost] = (new_total, path + (c,))
+        states = _pareto(nxt)
+        if not states:
+            raise UserError("the BOPs budget is below the cheapest configuration on every step")
+    return list(min(states.values(), key=lambda s: s[0])[1])
+
+
+def _pareto(states):
+    kept, best = {}, float("inf")
+    for cost in sorted(states):
+        if states[cost][0] < best:
+            kept[cost], best = states[cost], states[cost][0]
+    return kept
+
+
+def choose_schedule(policy: Policy, base: str, snr_db: dict[str, list[float]],
+                    noise: dict[str, list[float]], bops: dict[str, int]) -> list[str]:
+    steps = len(snr_db[base])
+    if policy.kind == "off":
+        return [base] * steps
+    if policy.kind == "snr":
+        return choose_by_snr(snr_db, bops, policy.value)
+    return choose_by_budget(noise, bops, policy.value * bops[base] * steps)

@@ -1,0 +1,76 @@
+"""Quantization parameters of one bit configuration: per layer, the per-output-channel
+weight scales and the per-tensor input activation scale. Saved as safetensors + JSON and
+read back by the fake-quant model and the ONNX QDQ exporter alike."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ptqd.calibration.configs import BitConfig, is_kept
+from ptqd.calibration.data import CalibrationData
+from ptqd.calibration.layers import quantizable_layers
+from ptqd.quant_math import IntGrid, activation_scale, weight_scales
+
+PARAMS_TENSORS = "quant_params.safetensors"
+PARAMS_JSON = "quant_params.json"
+
+
+@dataclass
+class LayerQuant:
+    weight_scale: torch.Tensor   # [out_channels] float32
+    act_scale: torch.Tensor      # [] float32
+
+
+@dataclass
+class ConfigQuant:
+    config: BitConfig
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+
+
+def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple[str, ...]) -> ConfigQuant:
+    wgrid, agrid = IntGrid(config.weight_bits), IntGrid(config.act_bits)
+    result = ConfigQuant(config)
+    for name, module in quantizable_layers(unet).items():
+        if is_kept(name, keep):
+            result.kept.append(name)
+            continue
+        result.layers[name] = LayerQuant(
+            weight_scale=weight_scales(module.weight, wgrid),
+            act_scale=activation_scale(data.act_values[name], data.act_absmax[name], agrid).reshape(()))
+    return result
+
+
+def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) -> None:
+    from safetensors.torch import save_file
+
+    tensors, doc = {}, {"format_version": 1, "keep_patterns": list(keep), "configs": {}}
+    for q in quants:
+        name = q.config.name
+        for layer, lq in q.layers.items():
+            tensors[f"{name}/{layer}/weight_scale"] = lq.weight_scale.contiguous()
+            tensors[f"{name}/{layer}/act_scale"] = lq.act_scale.contiguous()
+        doc["configs"][name] = {"weight_bits": q.config.weight_bits, "act_bits": q.config.act_bits,
+                                "weight_granularity": "per-channel(axis=0)",
+                                "act_granularity": "per-tensor", "zero_point": 0,
+                                "quantized_layers": sorted(q.layers), "kept_layers": sorted(q.kept)}
+    save_file(tensors, str(folder / PARAMS_TENSORS))
+    (folder / PARAMS_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def load_params(folder: Path) -> dict[str, ConfigQuant]:
+    from safetensors.torch import load_file
+
+    doc = json.loads((folder / PARAMS_JSON).read_text())
+    tensors = load_file(str(folder / PARAMS_TENSORS))
+    out = {}
+    for name, meta in doc["configs"].items():
+        q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]))
+        for layer in meta["quantized_layers"]:
+            q.layers[layer] = LayerQuant(tensors[f"{name}/{layer}/weight_scale"],
+                                         tensors[f"{name}/{layer}/act_scale"])
+        out[name] = q
+    return out

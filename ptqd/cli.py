@@ -1,0 +1,170 @@
+"""Command line: `ptqd <stage>` for one stage, `export-trt` for the whole pipeline.
+
+User mistakes surface as one line on stderr and a non-zero exit; `--debug` (or PTQD_DEBUG=1)
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ptqd.errors import UserError
+from ptqd.calibration.configs import DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
+from ptqd.model import DEFAULT_MODEL
+
+BACKENDS_SAMPLE = ("torch", "onnxruntime", "tensorrt")
+
+
+def _model_option(f):
+    return click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                        help="Built-in model name, diffusers pipeline folder, or UNet folder.")(f)
+
+
+def _steps_option(f):
+    return click.option("--steps", type=click.IntRange(1, 1000), default=50, show_default=True,
+                        help="DDIM denoising steps.")(f)
+
+
+def _eta_option(f):
+    return click.option("--eta", type=click.FloatRange(min=0.0, max=1.0), default=0.0,
+                        show_default=True, help="DDIM eta (0 = deterministic).")(f)
+
+
+def _seed_option(f):
+    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Seed; sample i of seed S is the same whatever backend or precision.")(f)
+
+
+def _force_option(f):
+    return click.option("--force", is_flag=True, help="Replace existing results.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="ptqd")
+def cli(debug: bool) -> None:
+    """ptqd: quantize a diffusion model with PTQD and ship it for TensorRT, ONNX Runtime and Triton."""
+    if debug:
+        os.environ["PTQD_DEBUG"] = "1"
+
+
+@cli.command()
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--model", default=None, help=f"Without OUT: the model to sample [default: {DEFAULT_MODEL}].")
+@click.option("--num", type=click.IntRange(min=1), default=16, show_default=True)
+@_seed_option
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps [default: 50, or OUT's calibrated count].")
+@click.option("--eta", type=click.FloatRange(min=0.0, max=1.0), default=None,
+              help="DDIM eta [default: 0, or OUT's calibrated eta].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS_SAMPLE), default="torch", show_default=True)
+@click.option("--precision", default="mixed", show_default=True,
+              help="With OUT: mixed (the calibrated schedule), fp32, or a configuration such as w4a8.")
+@click.option("--no-correction", is_flag=True, help="With OUT: skip the PTQD correction (the ablation).")
+@click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
+@click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
+@_force_option
+def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, npy, grid, force):
+    """Sample images: the full-precision --model, or (with OUT) an exported output."""
+    from ptqd.sample import SampleRequest, run_sample
+
+    run_sample(SampleRequest(out=out, model=model, num=num, seed=seed, steps=steps, eta=eta,
+                             batch_size=batch_size, backend=backend, npy=npy, grid=grid,
+                             force=force, precision=precision.lower(), correction=not no_correction))
+
+
+def _calibration_options(f):
+    options = [
+        _model_option,
+        click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (4 or 8)."),
+        click.option("--act-bits", type=int, default=8, show_default=True, help="Activation bits (4 or 8)."),
+        _steps_option, _eta_option, _seed_option,
+        click.option("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, show_default=True,
+                     help="Full-precision trajectories recorded for calibration."),
+        click.option("--mixed-precision", default=DEFAULT_POLICY, show_default=True,
+                     help="off, snr:<dB> (cheapest config reaching it), or budget:<ratio> "
+                          "(least noise within ratio x the base config's BOPs)."),
+        click.option("--correction", default="auto", show_default=True,
+                     help="auto (per step, chosen on held-out trajectories), paper, raw-k or bias-map."),
+        click.option("--configs", "extra_configs", default="",
+                     help="Extra configurations to calibrate, comma-separated (e.g. w4a4,w8a4)."),
+        click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
+                     help="Layers kept in float (comma-separated glob patterns of module names)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _calibration_request(kw: dict) -> "CalibrationRequest":
+    from ptqd.calibration.stage import CalibrationRequest
+
+    split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())
+    return CalibrationRequest(
+        model=kw["model"], bits=kw["bits"], act_bits=kw["act_bits"], steps=kw["steps"],
+        eta=kw["eta"], seed=kw["seed"], calib_samples=kw["calib_samples"],
+        mixed_precision=kw["mixed_precision"], correction=kw["correction"],
+        extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]))
+
+
+@cli.command()
+@_calibration_options
+@click.option("--output", "out", type=click.Path(path_type=Path), required=True)
+@_force_option
+def calibrate(out, force, **kw):
+    """Calibrate: quantization parameters, PTQD statistics and the precision schedule."""
+    from ptqd.pipeline import run_calibrate
+
+    run_calibrate(_calibration_request(kw), out, force)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@_calibration_options
+@click.option("--output", "out", type=click.Path(path_type=Path), default=Path("ptqd-out"),
+              show_default=True)
+@_force_option
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def export_trt(out, force, debug, **kw):
+    """Run the whole pipeline on --model into OUT (default ./ptqd-out)."""
+    from ptqd.pipeline import ExportRequest, run_export
+
+    if debug:
+        os.environ["PTQD_DEBUG"] = "1"
+    run_export(ExportRequest(calibration=_calibration_request(kw), out=out, force=force))
+
+
+def _run(command: click.Command, argv: list[str] | None) -> None:
+    # SIGTERM unwinds like Ctrl-C so staged outputs are cleaned up, not left half-written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("PTQD_DEBUG") == "1"
+    try:
+        command.main(args=argv, prog_name=command.name, standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.name = "ptqd"
+    _run(cli, argv)
+
+
+def export_trt_main(argv: list[str] | None = None) -> None:
+    export_trt.name = "export-trt"
+    _run(export_trt, argv)

@@ -1,0 +1,58 @@
+"""The one denoising loop: numpy only, any engine per step, the folded schedule applied.
+
+An engine is any callable (sample [N,C,H,W] float32, timestep [N] float32) -> eps, so the
+same loop drives onnxruntime sessions, TensorRT contexts, the torch fake-quant model, and
+the Triton sampler model's BLS calls.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from ptqd.engines.noise import SampleNoise
+from ptqd.exporter.schedule import FoldedSchedule, apply_step
+
+
+class UNetEngine(Protocol):
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray: ...
+
+
+def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: SampleNoise,
+            on_step: Callable[[int], None] | None = None) -> np.ndarray:
+    """Run every step of the schedule on one batch; returns x_0 (unclipped, model scale)."""
+    missing = sorted(set(schedule.configs) - set(engines))
+    if missing:
+        raise KeyError(f"no engine for configuration(s) {', '.join(missing)}")
+    x = noise.initial()
+    stochastic = schedule.eta > 0
+    for step in schedule.steps:
+        t = np.full((x.shape[0],), float(step.timestep), dtype=np.float32)
+        eps = np.asarray(engines[step.config](x, t), dtype=np.float32)
+        x = apply_step(schedule, step, x, eps, noise.step() if stochastic else None)
+        if on_step:
+            on_step(step.index)
+    return x
+
+
+def to_images(x: np.ndarray) -> np.ndarray:
+    """Model scale [-1, 1] -> images in [0, 1], as diffusers' pipelines do."""
+    return np.clip(x / 2.0 + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def generate(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], num: int, seed: int,
+             batch_size: int, progress: bool = True) -> np.ndarray:
+    """num images in [0, 1], [num, C, H, W]; sample i depends only on (seed, i)."""
+    from tqdm import tqdm
+
+    shape = tuple(schedule.sample_shape)
+    chunks = []
+    with tqdm(total=num * len(schedule.steps), unit="img-step", disable=not progress or None,
+              desc="sampling", leave=False) as bar:
+        for start in range(0, num, batch_size):
+            count = min(batch_size, num - start)
+            noise = SampleNoise(seed, start, count, shape)
+            x = denoise(schedule, engines, noise, on_step=lambda _: bar.update(count))
+            chunks.append(to_images(x))
+    return np.concatenate(chunks)

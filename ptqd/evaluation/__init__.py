@@ -1,0 +1,1 @@
+"""Measuring what quantization cost: distribution and per-sample quality metrics."""

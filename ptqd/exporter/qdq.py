@@ -1,0 +1,141 @@
+"""QuantizeLinear/DequantizeLinear insertion into the full-precision ONNX graph.
+
+The graph is not re-traced from the fake-quant model: each calibrated layer is found in the
+FP graph by name (onnx_fp.layer_nodes) and given
+  - on its activation input, a dedicated Q -> DQ pair (per tensor, zero point 0);
+  - its weight replaced by an integer initializer -> DQ (per output channel on the
+    consumer's axis: 0 for Conv and Gemm(transB=1), 1 for MatMul's [K, N]).
+Nothing is placed on layer outputs. These are TensorRT's explicit-quantization rules
+(BACKENDS.md); `lint.py` checks them on whatever is written.
+
+Integer values come from ptqd.quant_math.quantize, the function the fake-quant model uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqd.calibration.params import ConfigQuant
+from ptqd.exporter.onnx_fp import layer_nodes
+from ptqd.quant_math import IntGrid, quantize
+
+INT4, INT8 = TensorProto.INT4, TensorProto.INT8
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a configuration's integers are stored in one graph flavour."""
+    weight_int4: bool   # 4-bit weights as INT4 (else the 4-bit grid in INT8)
+    act_int4: bool      # 4-bit activations as INT4 Q/DQ (else Clip to the grid + INT8)
+
+
+# TensorRT runs INT4 only as weight-only blocked MatMul/Gemm with float activations; a
+# W4A8 layer must keep its 8-bit activations, so its 4-bit weights are stored as INT8.
+TENSORRT = Storage(weight_int4=False, act_int4=False)
+ONNXRUNTIME = Storage(weight_int4=True, act_int4=True)
+
+
+def weight_axis(node, weight: np.ndarray) -> int:
+    if node.op_type == "MatMul":
+        return weight.ndim - 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 0  # Conv: [out, in, kh, kw]
+
+
+def _zero_point(name: str, dtype: int, shape: tuple[int, ...]) -> onnx.TensorProto:
+    return helper.make_tensor(name, dtype, shape, np.zeros(int(np.prod(shape)) if shape else 1,
+                                                            dtype=np.int64).tolist())
+
+
+def _int_tensor(name: str, values: np.ndarray, dtype: int) -> onnx.TensorProto:
+    if dtype == INT8:
+        return numpy_helper.from_array(values.astype(np.int8), name)
+    return helper.make_tensor(name, INT4, values.shape, values.astype(np.int64).flatten().tolist())
+
+
+class QDQInserter:
+    def __init__(self, model: onnx.ModelProto, storage: Storage):
+        self.model = model
+        self.storage = storage
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.new_nodes: dict[str, list] = {}   # consumer node name -> nodes to put before it
+        self.new_inits: list = []
+        self.dropped: set[str] = set()
+
+    def activation(self, node, layer: str, scale: float, bits: int) -> None:
+        base = f"{layer}/input_quant"
+        dtype = INT4 if (bits == 4 and self.storage.act_int4) else INT8
+        x = node.input[0]
+        nodes = []
+        if bits == 4 and dtype == INT8:
+            # The 4-bit grid in INT8 storage: clip to [-8 s, 7 s] first; round-then-saturate
+            # and clip-then-round give the same integers.
+            lo, hi = self._const(f"{base}/clip_min", -8 * scale), self._const(f"{base}/clip_max", 7 * scale)
+            nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{base}/clipped"], name=f"{base}/Clip"))
+            x = f"{base}/clipped"
+        s = self._const(f"{base}/scale", scale)
+        self.new_inits.append(_zero_point(f"{base}/zero_point", dtype, ()))
+        nodes.append(helper.make_node("QuantizeLinear", [x, s, f"{base}/zero_point"], [f"{base}/q"],
+                                      name=f"{base}/QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", s, f"{base}/zero_point"],
+                                      [f"{base}/dq"], name=f"{base}/DequantizeLinear"))
+        node.input[0] = f"{base}/dq"
+        self.new_nodes.setdefault(node.name, []).extend(nodes)
+
+    def weight(self, node, layer: str, scale: torch.Tensor, bits: int) -> None:
+        base = f"{layer}/weight_quant"
+        w_name = node.input[1]
+        w = numpy_helper.to_array(self.inits[w_name])
+        axis = weight_axis(node, w)
+        q = quantize(torch.from_numpy(w.copy()), scale, IntGrid(bits), axis=axis).numpy()
+        dtype = INT4 if (bits == 4 and self.storage.weight_int4) else INT8
+        self.new_inits.append(_int_tensor(f"{base}/quantized", q, dtype))
+        self.new_inits.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{base}/scale"))
+        self.new_inits.append(_zero_point(f"{base}/zero_point", dtype, (w.shape[axis],)))
+        dq = helper.make_node("DequantizeLinear", [f"{base}/quantized", f"{base}/scale", f"{base}/zero_point"],
+                              [f"{base}/dq"], name=f"{base}/DequantizeLinear", axis=axis)
+        node.input[1] = f"{base}/dq"
+        self.dropped.add(w_name)
+        self.new_nodes.setdefault(node.name, []).append(dq)
+
+    def _const(self, name: str, value: float) -> str:
+        self.new_inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        return name
+
+    def finish(self) -> onnx.ModelProto:
+        graph = self.model.graph
+        still_used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name not in self.dropped or i.name in still_used]
+        ordered = []
+        for node in graph.node:
+            ordered.extend(self.new_nodes.get(node.name, []))
+            ordered.append(node)
+        del graph.node[:]
+        graph.node.extend(ordered)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + self.new_inits)
+        return self.model
+
+
+def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) -> onnx.ModelProto:
+    """A QDQ copy of the FP graph for one configuration; every calibrated layer must be found."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fp_model)
+    nodes = layer_nodes(model)
+    missing = sorted(set(quant.layers) - set(nodes))
+    if missing:
+        raise ValueError(f"calibrated layers not found in the ONNX graph: {', '.join(missing[:5])}")
+    inserter = QDQInserter(model, storage)
+    for layer, lq in sorted(quant.layers.items()):
+        node = nodes[layer]
+        inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits)
+        inserter.weight(node, layer, lq.weight_scale, quant.config.weight_bits)
+    model = inserter.finish()
+    model.graph.name = f"unet_{quant.config.name}"
+    return model

@@ -1,0 +1,118 @@
+"""The stages as functions over an output root, and `export-trt` running them in order.
+
+Every run writes into a temporary sibling and renames on success (ptqd.output), so an
+interrupted run never leaves a half-written stage behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from ptqd.calibration.stage import CalibrationRequest
+from ptqd.errors import UserError
+from ptqd.output import MANIFEST, check_output_dir, staged_directory, write_manifest
+
+CALIBRATION_DIR = "calibration"
+ONNX_DIR = "onnx"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    calibration: CalibrationRequest
+    out: Path
+    force: bool = False
+
+
+@dataclass
+class LoadedModel:
+    source: object
+    unet: object
+    scheduler_config: dict
+
+
+def load_model(spec: str, steps: int) -> LoadedModel:
+    """Resolve, check and load --model; `steps` is checked against its training timesteps."""
+    from ptqd.model import load_scheduler_config, load_unet, resolve_model
+
+    source = resolve_model(spec)
+    sched_cfg = load_scheduler_config(source)
+    train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    if steps > train_steps:
+        raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+    return LoadedModel(source, load_unet(source), sched_cfg)
+
+
+def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -> dict:
+    from ptqd.calibration.stage import run_calibration
+
+    return run_calibration(req, model.source, model.unet, model.scheduler_config, folder)
+
+
+def stage_export_fp(root: Path, model: LoadedModel) -> Path:
+    from ptqd.exporter.onnx_fp import export_fp_onnx
+
+    t0 = time.perf_counter()
+    path = export_fp_onnx(model.unet, root / ONNX_DIR / "unet_fp32.onnx")
+    click.echo(f"[export] {ONNX_DIR}/{path.name} ({path.stat().st_size / 1e6:.1f} MB, "
+               f"{time.perf_counter() - t0:.1f} s)")
+    return path
+
+
+def _config_dict(req: CalibrationRequest) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
+
+
+def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str) -> None:
+    previous = {}
+    if (root / MANIFEST).is_file():
+        try:
+            previous = json.loads((root / MANIFEST).read_text())
+        except ValueError:
+            previous = {}
+    done = [s for s in previous.get("stages", []) if s not in stages] + stages
+    write_manifest(root, {**previous.get("config", {}), **config}, model_sha256, done)
+
+
+def run_export(req: ExportRequest) -> Path:
+    req.calibration.validate()
+    check_output_dir(req.out, req.force)
+    model = load_model(req.calibration.model, req.calibration.steps)
+    click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
+    with staged_directory(req.out) as root:
+        stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
+        stage_export_fp(root, model)
+        update_manifest(root, ["calibrate", "export-fp32"], _config_dict(req.calibration),
+                        model.source.sha256)
+    click.echo("not run (not implemented yet): QDQ export, engines, triton")
+    click.echo(f"wrote {req.out}")
+    return req.out
+
+
+def run_calibrate(req: CalibrationRequest, out: Path, force: bool) -> Path:
+    """`ptqd calibrate`: OUT/calibration alone, replacing an old one only with --force."""
+    req.validate()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; give a directory path")
+    target = out / CALIBRATION_DIR
+    if target.exists() and not force:
+        raise UserError(f"{target} exists; pass --force to recalibrate")
+    if not out.absolute().parent.exists():
+        raise UserError(f"cannot create output {out}: {out.absolute().parent} does not exist")
+    model = load_model(req.model, req.steps)
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        with staged_directory(target) as staging:
+            stage_calibrate(staging, req, model)
+        update_manifest(out, ["calibrate"], _config_dict(req), model.source.sha256)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    click.echo(f"wrote {target}")
+    return target

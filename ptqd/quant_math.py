@@ -1,0 +1,91 @@
+"""The quantization arithmetic, in one place: the torch fake-quant model and the ONNX QDQ
+exporter both call these functions, so the two cannot disagree.
+
+Semantics are ONNX QuantizeLinear/DequantizeLinear with zero point 0 (TensorRT accepts
+nothing else): q = saturate(round_half_to_even(x / scale)), x' = q * scale. Scales are
+float32 and strictly positive; weights are per output channel, activations per tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LP_NORM = 2.4  # clipping search error norm, as in Q-Diffusion/BRECQ's weight calibration
+MIN_SCALE = 1e-8
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """A signed integer grid of `bits` bits: [-2^(b-1), 2^(b-1) - 1]."""
+    bits: int
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"unsupported bit width {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or scale.numel() == 1:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid, axis: int | None = None) -> torch.Tensor:
+    """Integer values (still a float tensor) exactly as QuantizeLinear computes them."""
+    s = _broadcast(scale.to(torch.float32), x, axis)
+    # torch.round rounds half to even, like QuantizeLinear; divide (not multiply by 1/s)
+    # because that is the operation the ONNX spec and onnxruntime perform.
+    return torch.clamp(torch.round(x.to(torch.float32) / s), grid.qmin, grid.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    return q * _broadcast(scale.to(torch.float32), q, axis)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid, axis: int | None = None) -> torch.Tensor:
+    return dequantize(quantize(x, scale, grid, axis), scale, axis)
+
+
+def scale_for_range(max_abs: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """The symmetric scale that maps [-max_abs, max_abs] onto the grid."""
+    return torch.clamp(max_abs.to(torch.float32) / grid.qmax, min=MIN_SCALE)
+
+
+def weight_scales(weight: torch.Tensor, grid: IntGrid, candidates: int = 60) -> torch.Tensor:
+    """Per-output-channel scales: the clipping ratio that minimises the Lp reconstruction
+    error of each channel, searched over [0.2, 1] of the channel's absolute maximum."""
+    w = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
+    max_abs = w.abs().amax(dim=1)
+    best_err = torch.full_like(max_abs, float("inf"))
+    best = scale_for_range(max_abs, grid)
+    for ratio in torch.linspace(0.2, 1.0, candidates):
+        scale = scale_for_range(max_abs * ratio, grid)
+        err = (fake_quantize(w, scale, grid, axis=0) - w).abs().pow(LP_NORM).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    return best
+
+
+def activation_scale(values: torch.Tensor, max_abs: float, grid: IntGrid, candidates: int = 100) -> torch.Tensor:
+    """Per-tensor scale minimising the MSE of fake-quantizing `values` (a sample of the
+    activation), searched over clipping points up to the observed absolute maximum."""
+    v = values.detach().to(torch.float32).flatten()
+    best_err, best = float("inf"), scale_for_range(torch.tensor(max_abs), grid)
+    for ratio in torch.linspace(0.05, 1.0, candidates):
+        scale = scale_for_range(torch.tensor(max_abs) * ratio, grid)
+        err = (fake_quantize(v, scale, grid) - v).pow(2).mean().item()
+        if err < best_err:
+            best_err, best = err, scale
+    return best

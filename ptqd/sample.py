@@ -1,0 +1,141 @@
+"""`ptqd sample`: images from the full-precision model or from an exported output."""
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ptqd.errors import UserError
+from ptqd.output import atomic_write_bytes, check_output_file
+
+DEFAULT_STEPS = 50
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    out: Path | None
+    model: str | None
+    num: int
+    seed: int
+    steps: int | None
+    eta: float | None
+    batch_size: int
+    backend: str
+    npy: Path | None
+    grid: Path | None
+    force: bool = False
+    precision: str = "mixed"
+    correction: bool = True
+
+
+def run_sample(req: SampleRequest) -> np.ndarray:
+    if req.npy is None and req.grid is None:
+        raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
+    for target in (req.npy, req.grid):
+        if target is not None:
+            check_output_file(target, req.force)
+    start = time.perf_counter()
+    images = sample_full_precision(req) if req.out is None else sample_output(req)
+    seconds = time.perf_counter() - start
+    write_images(images, req.npy, req.grid)
+    shape = "x".join(str(d) for d in images.shape[1:])
+    written = " and ".join(str(p) for p in (req.npy, req.grid) if p is not None)
+    what = req.backend if req.out is None else f"{req.backend}, {req.precision}" + (
+        "" if req.correction else ", no correction")
+    click.echo(f"{len(images)} samples ({shape}, {what}) in {seconds:.1f} s -> {written}")
+    return images
+
+
+def sample_full_precision(req: SampleRequest) -> np.ndarray:
+    from ptqd.model import DEFAULT_MODEL
+    from ptqd.pipeline import load_model
+
+    steps = req.steps or DEFAULT_STEPS
+    eta = req.eta or 0.0
+    model = load_model(req.model or DEFAULT_MODEL, steps)
+    if req.backend == "torch":
+        from ptqd.calibration.trajectory import sample_torch_fp
+
+        return sample_torch_fp(model.unet, model.scheduler_config, steps, eta, req.num, req.seed,
+                               req.batch_size)
+    if req.backend == "onnxruntime":
+        from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+        from ptqd.exporter.onnx_fp import export_fp_onnx
+
+        schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
+        with tempfile.TemporaryDirectory(prefix="ptqd-sample-") as tmp:
+            engine = OnnxRuntimeUNet(export_fp_onnx(model.unet, Path(tmp) / "unet_fp32.onnx"))
+        return _generate(schedule, {"fp32": engine}, req)
+    raise UserError("--backend tensorrt runs an exported output's engines: give OUT "
+                    "(made by export-trt)")
+
+
+def _schedule(model, steps, eta, configs, corrections):
+    from ptqd.exporter.timeline import build_schedule
+
+    size = model.unet.config.sample_size
+    shape = [model.unet.config.in_channels, size, size]
+    return build_schedule(model.scheduler_config, steps, eta, shape, configs, corrections)
+
+
+def _generate(schedule, engines, req: SampleRequest) -> np.ndarray:
+    from ptqd.engines.sampler import generate
+
+    return generate(schedule, engines, req.num, req.seed, req.batch_size)
+
+
+def sample_output(req: SampleRequest) -> np.ndarray:
+    """Sample OUT's quantized model at --precision, with or without the PTQD correction."""
+    from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
+    from ptqd.pipeline import CALIBRATION_DIR, load_model
+
+    if not req.out.is_dir():
+        raise UserError(f"{req.out} is not an output directory (made by export-trt or ptqd calibrate)")
+    if req.model is not None:
+        raise UserError("--model cannot be combined with OUT: OUT records the model it was made from")
+    doc = load_ptqd_json(req.out / CALIBRATION_DIR)
+    steps, eta = doc["num_inference_steps"], doc["eta"]
+    if (req.steps is not None and req.steps != steps) or (req.eta is not None and req.eta != eta):
+        raise UserError(f"{req.out} was calibrated for --steps {steps} --eta {eta:g}; its PTQD "
+                        "statistics are not valid for other values (recalibrate)")
+    model = load_model(doc["model"], steps)
+    if model.source.sha256 != doc["model_sha256"]:
+        raise UserError(f"model {doc['model']!r} has changed since {req.out} was calibrated "
+                        "(sha256 differs); recalibrate")
+    configs, corrections = steps_and_corrections(doc, req.precision, req.correction)
+    schedule = _schedule(model, steps, eta, configs, corrections)
+    if req.backend == "torch":
+        engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
+    else:
+        raise UserError(f"--backend {req.backend} needs the exported graphs, which this version "
+                        "does not write yet; use --backend torch")
+    return _generate(schedule, engines, req)
+
+
+def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:
+    from ptqd.calibration.configs import FLOAT_CONFIG
+    from ptqd.calibration.fakequant import TorchUNetEngine, fake_quant_unet
+    from ptqd.calibration.params import load_params
+
+    params = load_params(calibration_dir)
+    engines = {}
+    for cfg in configs:
+        unet = model.unet if cfg == FLOAT_CONFIG else fake_quant_unet(model.unet, params[cfg])
+        engines[cfg] = TorchUNetEngine(unet)
+    return engines
+
+
+def write_images(images: np.ndarray, npy: Path | None, grid: Path | None) -> None:
+    if npy is not None:
+        buf = io.BytesIO()
+        np.save(buf, images.astype(np.float32))
+        atomic_write_bytes(npy, buf.getvalue())
+    if grid is not None:
+        from ptqd.images import png_bytes
+
+        atomic_write_bytes(grid, png_bytes(images))

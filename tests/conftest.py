@@ -1,0 +1,54 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptqd.model import BUILTIN_MODELS
+
+
+def run_cli(*args: str, entry: str = "ptqd", cwd: Path | None = None, timeout: int = 600):
+    """Run an installed console script (ptqd, export-trt) as a user would, in a fresh process."""
+    script = Path(sys.executable).parent / entry
+    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def builtin_source():
+    from ptqd.model import resolve_model
+
+    return resolve_model("digits")
+
+
+@pytest.fixture(scope="session")
+def builtin_unet(builtin_source):
+    from ptqd.model import load_unet
+
+    return load_unet(builtin_source)
+
+
+@pytest.fixture(scope="session")
+def builtin_scheduler_config(builtin_source):
+    from ptqd.model import load_scheduler_config
+
+    return load_scheduler_config(builtin_source)
+
+
+@pytest.fixture()
+def model_copy(tmp_path):
+    """A writable copy of the built-in model as a diffusers pipeline folder."""
+    dst = tmp_path / "model"
+    shutil.copytree(BUILTIN_MODELS["digits"], dst)
+    return dst

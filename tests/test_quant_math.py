@@ -1,0 +1,67 @@
+"""The shared quantization math against ONNX QuantizeLinear as onnxruntime runs it."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from ptqd.quant_math import IntGrid, activation_scale, fake_quantize, quantize, weight_scales
+
+
+def _ort_quantize(x: np.ndarray, scale: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
+    zp = helper.make_tensor("zp", qtype, scale.shape, np.zeros(scale.size, dtype=np.int64).tolist())
+    s = helper.make_tensor("s", TensorProto.FLOAT, scale.shape, scale.flatten().tolist())
+    q = helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], axis=axis)
+    dq = helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=axis)
+    graph = helper.make_graph([q, dq], "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)], [s, zp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_equals_onnx_quantize_dequantize_per_tensor(bits):
+    grid = IntGrid(bits)
+    scale = np.array(0.05, dtype=np.float32)
+    # exact .5 ties on the grid, both signs, and values far past saturation
+    ties = (np.arange(-20, 20) + 0.5).astype(np.float32) * scale
+    x = np.concatenate([ties, np.random.default_rng(0).normal(0, 3, 4000).astype(np.float32)])
+    ours = fake_quantize(torch.from_numpy(x), torch.from_numpy(scale), grid).numpy()
+    np.testing.assert_array_equal(ours, _ort_quantize(x, scale, 1, bits))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_channel_weights_equal_onnx_on_axis_0(bits):
+    grid = IntGrid(bits)
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    scale = weight_scales(w, grid)
+    ours = fake_quantize(w, scale, grid, axis=0).numpy()
+    np.testing.assert_array_equal(ours, _ort_quantize(w.numpy(), scale.numpy(), 0, bits))
+
+
+def test_rounding_is_half_to_even_and_saturates():
+    grid = IntGrid(4)
+    q = quantize(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 100.0, -100.0]), torch.tensor(1.0), grid)
+    assert q.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 7.0, -8.0]
+
+
+def test_weight_clipping_search_beats_plain_min_max():
+    grid = IntGrid(4)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    w[:, 0] *= 6  # one outlier per channel: min/max wastes the grid on it
+    searched = weight_scales(w, grid)
+    minmax = w.abs().amax(1) / grid.qmax
+    err = lambda s: (fake_quantize(w, s, grid, axis=0) - w).pow(2).sum().item()
+    assert err(searched) < 0.9 * err(minmax)
+    assert (searched <= minmax + 1e-7).all()
+
+
+def test_activation_scale_clips_heavy_tails():
+    grid = IntGrid(4)
+    v = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
+    scale = activation_scale(v, float(v.abs().max()), grid)
+    assert scale * grid.qmax < v.abs().max() * 0.8
