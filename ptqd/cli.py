@@ -123,6 +123,36 @@ def calibrate(out, force, **kw):
     run_calibrate(_calibration_request(kw), out, force)
 
 
+@cli.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@_force_option
+def export_cmd(out, force):
+    """Export OUT's calibrated model: FP and QDQ ONNX graphs, the folded PTQD scheduler."""
+    from ptqd.pipeline import run_export_stage
+
+    run_export_stage(out, force)
+
+
+@cli.command()
+@click.argument("graphs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt",
+              show_default=True, help="Whose rules: TensorRT's, or only those ONNX Runtime shares.")
+def lint(graphs, target):
+    """Check QDQ ONNX graphs against TensorRT's explicit-quantization rules."""
+    from ptqd.exporter.lint import lint_graph_file
+
+    failed = False
+    for path in graphs:
+        violations = lint_graph_file(path, target)
+        for v in violations:
+            click.echo(f"{path}: {v}")
+        if not violations:
+            click.echo(f"{path}: clean ({target} rules)")
+        failed = failed or bool(violations)
+    if failed:
+        raise SystemExit(1)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @_calibration_options
 @click.option("--output", "out", type=click.Path(path_type=Path), default=Path("ptqd-out"),

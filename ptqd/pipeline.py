@@ -19,6 +19,7 @@ from ptqd.output import MANIFEST, check_output_dir, staged_directory, write_mani
 
 CALIBRATION_DIR = "calibration"
 ONNX_DIR = "onnx"
+SCHEDULER_DIR = "scheduler"
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,12 @@ def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -
     return run_calibration(req, model.source, model.unet, model.scheduler_config, folder)
 
 
-def stage_export_fp(root: Path, model: LoadedModel) -> Path:
-    from ptqd.exporter.onnx_fp import export_fp_onnx
+def stage_export(root: Path, model: LoadedModel) -> None:
+    """onnx/ and scheduler/ from root's calibration/."""
+    from ptqd.exporter.stage import export_graphs, export_scheduler
 
-    t0 = time.perf_counter()
-    path = export_fp_onnx(model.unet, root / ONNX_DIR / "unet_fp32.onnx")
-    click.echo(f"[export] {ONNX_DIR}/{path.name} ({path.stat().st_size / 1e6:.1f} MB, "
-               f"{time.perf_counter() - t0:.1f} s)")
-    return path
+    export_graphs(model, root / CALIBRATION_DIR, root / ONNX_DIR)
+    export_scheduler(model, root / CALIBRATION_DIR, root / SCHEDULER_DIR)
 
 
 def _config_dict(req: CalibrationRequest) -> dict:
@@ -85,10 +84,10 @@ def run_export(req: ExportRequest) -> Path:
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
     with staged_directory(req.out) as root:
         stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
-        stage_export_fp(root, model)
-        update_manifest(root, ["calibrate", "export-fp32"], _config_dict(req.calibration),
+        stage_export(root, model)
+        update_manifest(root, ["calibrate", "export"], _config_dict(req.calibration),
                         model.source.sha256)
-    click.echo("not run (not implemented yet): QDQ export, engines, triton")
+    click.echo("not run (not implemented yet): engines, triton, report")
     click.echo(f"wrote {req.out}")
     return req.out
 
@@ -116,3 +115,27 @@ def run_calibrate(req: CalibrationRequest, out: Path, force: bool) -> Path:
         raise
     click.echo(f"wrote {target}")
     return target
+
+
+def run_export_stage(out: Path, force: bool) -> None:
+    """`ptqd export OUT`: onnx/ and scheduler/ from OUT/calibration, swapped in together."""
+    import tempfile
+
+    from ptqd.calibration.artifact import load_ptqd_json
+    from ptqd.output import replace_directory
+
+    if not out.is_dir():
+        raise UserError(f"{out} is not an output directory (run `ptqd calibrate --output {out}` first)")
+    doc = load_ptqd_json(out / CALIBRATION_DIR)
+    for name in (ONNX_DIR, SCHEDULER_DIR):
+        if (out / name).exists() and not force:
+            raise UserError(f"{out / name} exists; pass --force to export again")
+    model = load_model(doc["model"], doc["num_inference_steps"])
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        staging = Path(tmp)
+        (staging / CALIBRATION_DIR).symlink_to((out / CALIBRATION_DIR).absolute())
+        stage_export(staging, model)
+        for name in (ONNX_DIR, SCHEDULER_DIR):
+            replace_directory(staging / name, out / name)
+    update_manifest(out, ["export"], {}, model.source.sha256)
+    click.echo(f"wrote {out / ONNX_DIR} and {out / SCHEDULER_DIR}")

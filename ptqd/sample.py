@@ -92,7 +92,7 @@ def _generate(schedule, engines, req: SampleRequest) -> np.ndarray:
 def sample_output(req: SampleRequest) -> np.ndarray:
     """Sample OUT's quantized model at --precision, with or without the PTQD correction."""
     from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
-    from ptqd.pipeline import CALIBRATION_DIR, load_model
+    from ptqd.pipeline import CALIBRATION_DIR
 
     if not req.out.is_dir():
         raise UserError(f"{req.out} is not an output directory (made by export-trt or ptqd calibrate)")
@@ -103,17 +103,50 @@ def sample_output(req: SampleRequest) -> np.ndarray:
     if (req.steps is not None and req.steps != steps) or (req.eta is not None and req.eta != eta):
         raise UserError(f"{req.out} was calibrated for --steps {steps} --eta {eta:g}; its PTQD "
                         "statistics are not valid for other values (recalibrate)")
-    model = load_model(doc["model"], steps)
+    configs, corrections = steps_and_corrections(doc, req.precision, req.correction)
+    if req.backend == "torch":
+        return _sample_output_torch(req, doc, configs, corrections)
+    if req.backend == "onnxruntime":
+        return _sample_output_onnxruntime(req, doc, configs, corrections)
+    raise UserError("no TensorRT engines in this version; use --backend torch or onnxruntime")
+
+
+def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
+    from ptqd.pipeline import CALIBRATION_DIR, load_model
+
+    model = load_model(doc["model"], doc["num_inference_steps"])
     if model.source.sha256 != doc["model_sha256"]:
         raise UserError(f"model {doc['model']!r} has changed since {req.out} was calibrated "
                         "(sha256 differs); recalibrate")
-    configs, corrections = steps_and_corrections(doc, req.precision, req.correction)
-    schedule = _schedule(model, steps, eta, configs, corrections)
-    if req.backend == "torch":
-        engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
-    else:
-        raise UserError(f"--backend {req.backend} needs the exported graphs, which this version "
-                        "does not write yet; use --backend torch")
+    schedule = _schedule(model, doc["num_inference_steps"], doc["eta"], configs, corrections)
+    return _generate(schedule, _torch_engines(model, req.out / CALIBRATION_DIR, set(configs)), req)
+
+
+def _sample_output_onnxruntime(req, doc, configs, corrections) -> np.ndarray:
+    """The deployed path: exported graphs and the folded schedule file, no torch in the loop."""
+    from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+    from ptqd.exporter.schedule import FoldedSchedule
+    from ptqd.exporter.stage import graph_path
+    from ptqd.pipeline import ONNX_DIR, SCHEDULER_DIR
+
+    sched_dir = req.out / SCHEDULER_DIR
+    if not sched_dir.is_dir():
+        raise UserError(f"{req.out} has no {SCHEDULER_DIR}/: run `ptqd export {req.out}` first")
+    schedule = FoldedSchedule.load(sched_dir)
+    if req.precision != "mixed" or not req.correction:
+        # an ablation, not the deployed table: fold it afresh from the model's scheduler config
+        from ptqd.exporter.timeline import build_schedule
+        from ptqd.model import load_scheduler_config, resolve_model
+
+        sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
+        schedule = build_schedule(sched_cfg, doc["num_inference_steps"], doc["eta"],
+                                  schedule.sample_shape, configs, corrections)
+    engines = {}
+    for cfg in sorted(set(configs)):
+        path = graph_path(req.out / ONNX_DIR, cfg, "onnxruntime")
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run `ptqd export {req.out}` (with --force to redo it)")
+        engines[cfg] = OnnxRuntimeUNet(path)
     return _generate(schedule, engines, req)
 
 

@@ -46,7 +46,7 @@ def build_schedule(scheduler_config: dict, steps: int, eta: float, sample_shape:
     for step in ddim_timeline(scheduler_config, steps):
         corr = corrections[step.index] if corrections else None
         k = float(corr["k"]) if corr else 0.0
-        bias = [float(b) for b in corr["bias"]] if corr else [0.0] * channels
+        bias = corr["bias"] if corr else [0.0] * channels  # per channel, or a [C, H, W] map
         sigma_q = float(corr["sigma_q"]) if corr else 0.0
         schedule.steps.append(fold_step(step.index, step.timestep, configs[step.index],
                                         step.alpha_t, step.alpha_prev, eta, k, bias, sigma_q))

@@ -1,0 +1,160 @@
+"""`ptqd lint`: a QDQ graph checked against TensorRT's explicit-quantization rules.
+
+Each violation names the node and the rule (BACKENDS.md, TRT_API.md §3). The `onnxruntime`
+target drops the rules that exist only because of TensorRT's kernels (INT4 is weight-only
+and blocked, no INT4 convolution), since ONNX Runtime executes those graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+TARGETS = ("tensorrt", "onnxruntime")
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RULES = {
+    "zero-point": "zero points must be all-zero constants (TensorRT is symmetric only)",
+    "scale-constant": "scales must be build-time constants (initializers)",
+    "scale-positive": "every scale must be strictly positive",
+    "activation-per-tensor": "activations are quantized per tensor (scalar scale)",
+    "weight-axis": "per-channel weight scales must lie on the consumer's output-channel axis",
+    "dedicated-pair": "each consumer needs its own Q/DQ pair (a DQ output feeds one node)",
+    "placement": "activation Q/DQ belongs on the inputs of Conv/Gemm/MatMul only, "
+                 "not on layer outputs feeding other ops",
+    "int4-activation": "INT4 is weight-only in TensorRT",
+    "int4-conv": "TensorRT has no INT4 convolution (store the 4-bit grid as INT8)",
+    "int4-blocked": "INT4 MatMul/Gemm weights need block quantization (block 64 or 128)",
+    "opset": "INT4 and block quantization need opset >= 21, per-channel needs >= 13",
+}
+TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: [{self.rule}] {RULES[self.rule]} ({self.detail})"
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    def attr(self, node, name, default=None):
+        return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(self.attr(node, "value"))
+        return None
+
+    def dtype(self, name: str) -> int | None:
+        return self.inits[name].data_type if name in self.inits else None
+
+
+def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
+    scale = g.constant(node.input[1])
+    if scale is None:
+        out.append(Violation(node.name, "scale-constant", f"scale {node.input[1]} is computed"))
+    elif not (scale > 0).all():
+        out.append(Violation(node.name, "scale-positive", f"min scale {scale.min():g}"))
+    if len(node.input) > 2 and node.input[2]:
+        zp = g.constant(node.input[2])
+        if zp is None or np.any(zp != 0):
+            out.append(Violation(node.name, "zero-point", f"zero point {node.input[2]}"))
+    if scale is not None and scale.size > 1:
+        needed = 21 if g.attr(node, "block_size", 0) else 13
+        if g.opset < needed:
+            out.append(Violation(node.name, "opset", f"opset {g.opset}, needs {needed}"))
+
+
+def _check_quantize(g: _Graph, node, out: list[Violation]) -> None:
+    scale = g.constant(node.input[1])
+    if scale is not None and scale.size > 1:
+        out.append(Violation(node.name, "activation-per-tensor", f"scale has {scale.size} values"))
+    zp = node.input[2] if len(node.input) > 2 else ""
+    if zp and g.dtype(zp) == TensorProto.INT4:
+        out.append(Violation(node.name, "int4-activation", "QuantizeLinear to INT4"))
+
+
+def _check_dequantize(g: _Graph, node, out: list[Violation]) -> None:
+    users = g.consumers.get(node.output[0], [])
+    if len(users) > 1:
+        out.append(Violation(node.name, "dedicated-pair", f"feeds {len(users)} nodes"))
+    if node.input[0] not in g.inits:
+        for user in users:
+            if user.op_type not in WEIGHTED:
+                out.append(Violation(node.name, "placement", f"feeds {user.op_type} {user.name}"))
+        return
+    weight = g.inits[node.input[0]]
+    for user in users:
+        _check_weight_use(g, node, weight, user, out)
+
+
+def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None:
+    rank = len(weight.dims)
+    scale = g.constant(dq.input[1])
+    block = g.attr(dq, "block_size", 0)
+    if scale is not None and scale.size > 1 and not block:
+        axis = g.attr(dq, "axis", 1) % rank
+        if user.op_type == "MatMul":
+            expected = rank - 1
+        elif user.op_type == "Gemm":
+            expected = 0 if g.attr(user, "transB", 0) else 1
+        elif user.op_type == "ConvTranspose":
+            expected = 1
+        else:
+            expected = 0
+        if axis != expected:
+            out.append(Violation(dq.name, "weight-axis", f"axis {axis} for {user.op_type}, expected {expected}"))
+    if weight.data_type == TensorProto.INT4:
+        if user.op_type in ("Conv", "ConvTranspose"):
+            out.append(Violation(dq.name, "int4-conv", f"INT4 weight feeds {user.name}"))
+        elif block not in (64, 128):
+            out.append(Violation(dq.name, "int4-blocked", f"block_size {block or 'none'}"))
+        if g.opset < 21:
+            out.append(Violation(dq.name, "opset", f"INT4 at opset {g.opset}"))
+
+
+def lint_model(model: onnx.ModelProto, target: str = "tensorrt") -> list[Violation]:
+    if target not in TARGETS:
+        raise ValueError(f"unknown lint target {target!r}")
+    g = _Graph(model)
+    out: list[Violation] = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            _check_qdq_node(g, node, out)
+        if node.op_type == "QuantizeLinear":
+            _check_quantize(g, node, out)
+        elif node.op_type == "DequantizeLinear":
+            _check_dequantize(g, node, out)
+    if target != "tensorrt":
+        out = [v for v in out if v.rule not in TRT_ONLY]
+    return out
+
+
+def lint_graph_file(path, target: str) -> list[Violation]:
+    from ptqd.errors import UserError
+
+    try:
+        model = onnx.load(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    return lint_model(model, target)

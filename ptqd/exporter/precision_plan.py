@@ -1,0 +1,42 @@
+"""The per-layer precision plan: what each layer was asked for, how its numbers are stored
+in each graph flavour, and how each backend executes it. One declarative, saved object."""
+from __future__ import annotations
+
+import onnx
+
+from ptqd.calibration.params import ConfigQuant
+
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
+    w_trt = "INT8" if weight_bits == 8 else "INT8 holding the 4-bit grid [-8, 7]"
+    a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
+    return {
+        "tensorrt": {"weights": w_trt, "activations": a_trt,
+                     "executes": "INT8 kernel" + ("" if op in CONV_OPS else " (INT4 in TensorRT is "
+                                                  "weight-only, which would drop the activation quantization)")},
+        "onnxruntime": {"weights": f"INT{weight_bits}", "activations": f"INT{act_bits}",
+                        "executes": "dequantized to float, float kernel (input-only QDQ is not fused)"},
+    }
+
+
+def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto) -> dict:
+    float_matmuls = sorted(n.name for n in fp_model.graph.node if n.op_type == "MatMul"
+                           and n.name not in {node.name for node in nodes.values()})
+    plan = {"format_version": 1, "configs": {}}
+    for cfg, quant in sorted(params.items()):
+        layers = []
+        for name, node in sorted(nodes.items()):
+            entry = {"layer": name, "node": node.name, "op": node.op_type}
+            if name in quant.layers:
+                entry.update(requested=cfg, **_storage(node.op_type, quant.config.weight_bits,
+                                                       quant.config.act_bits))
+            else:
+                entry.update(requested="fp32", reason="kept in float (first/last conv or time "
+                             "embedding by default; see keep_patterns)")
+            layers.append(entry)
+        plan["configs"][cfg] = {"layers": layers, "float_ops": {
+            "attention_matmuls": float_matmuls,
+            "reason": "attention score matmuls (QK^T, PV) stay in float unless asked (PTQD.md §1)"}}
+    return plan
