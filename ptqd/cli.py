@@ -66,16 +66,20 @@ def cli(debug: bool) -> None:
 @click.option("--precision", default="mixed", show_default=True,
               help="With OUT: mixed (the calibrated schedule), fp32, or a configuration such as w4a8.")
 @click.option("--no-correction", is_flag=True, help="With OUT: skip the PTQD correction (the ablation).")
+@click.option("--graph", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+              help="With OUT and onnxruntime: the CPU-fast graphs, or the exact twins of fake-quant.")
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
 @_force_option
-def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, npy, grid, force):
+def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, npy,
+           grid, force):
     """Sample images: the full-precision --model, or (with OUT) an exported output."""
     from ptqd.sample import SampleRequest, run_sample
 
     run_sample(SampleRequest(out=out, model=model, num=num, seed=seed, steps=steps, eta=eta,
                              batch_size=batch_size, backend=backend, npy=npy, grid=grid,
-                             force=force, precision=precision.lower(), correction=not no_correction))
+                             force=force, precision=precision.lower(), correction=not no_correction,
+                             graph=graph))
 
 
 def _calibration_options(f):
@@ -133,6 +137,24 @@ def export_cmd(out, force):
     run_export_stage(out, force)
 
 
+def _engine_options(f):
+    f = click.option("--batch", default="1,4,8", show_default=True,
+                     help="Engine batch profile min,opt,max.")(f)
+    return click.option("--backend", default="auto", show_default=True,
+                        help="auto (TensorRT if installed, else ONNX Runtime), tensorrt or onnxruntime.")(f)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@_engine_options
+@_force_option
+def build(out, backend, batch, force):
+    """Build engines for OUT's schedule: TensorRT plans, or ONNX Runtime sessions + build script."""
+    from ptqd.pipeline import run_build_stage
+
+    run_build_stage(out, backend, batch, force)
+
+
 @cli.command()
 @click.argument("graphs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt",
@@ -157,15 +179,17 @@ def lint(graphs, target):
 @_calibration_options
 @click.option("--output", "out", type=click.Path(path_type=Path), default=Path("ptqd-out"),
               show_default=True)
+@_engine_options
 @_force_option
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def export_trt(out, force, debug, **kw):
+def export_trt(out, force, debug, backend, batch, **kw):
     """Run the whole pipeline on --model into OUT (default ./ptqd-out)."""
     from ptqd.pipeline import ExportRequest, run_export
 
     if debug:
         os.environ["PTQD_DEBUG"] = "1"
-    run_export(ExportRequest(calibration=_calibration_request(kw), out=out, force=force))
+    run_export(ExportRequest(calibration=_calibration_request(kw), out=out, force=force,
+                             backend=backend, batch=batch))
 
 
 def _run(command: click.Command, argv: list[str] | None) -> None:

@@ -20,6 +20,7 @@ from ptqd.output import MANIFEST, check_output_dir, staged_directory, write_mani
 CALIBRATION_DIR = "calibration"
 ONNX_DIR = "onnx"
 SCHEDULER_DIR = "scheduler"
+ENGINES_DIR = "engines"
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,23 @@ class ExportRequest:
     calibration: CalibrationRequest
     out: Path
     force: bool = False
+    backend: str = "auto"
+    batch: str = "1,4,8"
+
+
+def engine_settings(backend: str, batch: str):
+    """Checked before any work starts: a bad --batch, or --backend tensorrt where TensorRT is
+    missing, fails in one line with nothing written."""
+    from ptqd.engines.profiles import BatchProfile
+    from ptqd.engines.stage import BACKENDS
+    from ptqd.engines.tensorrt import BuildSettings, import_tensorrt
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    settings = BuildSettings(BatchProfile.parse(batch))
+    if backend == "tensorrt":
+        import_tensorrt()
+    return settings
 
 
 @dataclass
@@ -62,6 +80,12 @@ def stage_export(root: Path, model: LoadedModel) -> None:
     export_scheduler(model, root / CALIBRATION_DIR, root / SCHEDULER_DIR)
 
 
+def stage_engines(root: Path, backend: str, settings, engines_dir: Path | None = None) -> str:
+    from ptqd.engines.stage import build_engines
+
+    return build_engines(root, engines_dir or root / ENGINES_DIR, backend, settings)
+
+
 def _config_dict(req: CalibrationRequest) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
 
@@ -79,15 +103,18 @@ def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: s
 
 def run_export(req: ExportRequest) -> Path:
     req.calibration.validate()
+    settings = engine_settings(req.backend, req.batch)
     check_output_dir(req.out, req.force)
     model = load_model(req.calibration.model, req.calibration.steps)
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
     with staged_directory(req.out) as root:
         stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
         stage_export(root, model)
-        update_manifest(root, ["calibrate", "export"], _config_dict(req.calibration),
+        built = stage_engines(root, req.backend, settings)
+        update_manifest(root, ["calibrate", "export", f"engines-{built}"],
+                        {**_config_dict(req.calibration), "backend": req.backend, "batch": req.batch},
                         model.source.sha256)
-    click.echo("not run (not implemented yet): engines, triton, report")
+    click.echo("not run (not implemented yet): triton, report")
     click.echo(f"wrote {req.out}")
     return req.out
 
@@ -139,3 +166,17 @@ def run_export_stage(out: Path, force: bool) -> None:
             replace_directory(staging / name, out / name)
     update_manifest(out, ["export"], {}, model.source.sha256)
     click.echo(f"wrote {out / ONNX_DIR} and {out / SCHEDULER_DIR}")
+
+
+def run_build_stage(out: Path, backend: str, batch: str, force: bool) -> None:
+    """`ptqd build OUT`: OUT/engines from OUT/onnx and OUT/scheduler."""
+    settings = engine_settings(backend, batch)
+    if not out.is_dir():
+        raise UserError(f"{out} is not an output directory (made by export-trt or ptqd export)")
+    if (out / ENGINES_DIR).exists() and not force:
+        raise UserError(f"{out / ENGINES_DIR} exists; pass --force to rebuild")
+    with staged_directory(out / ENGINES_DIR) as staging:
+        built = stage_engines(out, backend, settings, engines_dir=staging)
+    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    update_manifest(out, [f"engines-{built}"], {"backend": backend, "batch": batch}, sha)
+    click.echo(f"wrote {out / ENGINES_DIR}")

@@ -31,6 +31,7 @@ class SampleRequest:
     force: bool = False
     precision: str = "mixed"
     correction: bool = True
+    graph: str = "fast"   # onnxruntime: the CPU-fast graph, or the exact twin of fake-quant
 
 
 def run_sample(req: SampleRequest) -> np.ndarray:
@@ -106,9 +107,7 @@ def sample_output(req: SampleRequest) -> np.ndarray:
     configs, corrections = steps_and_corrections(doc, req.precision, req.correction)
     if req.backend == "torch":
         return _sample_output_torch(req, doc, configs, corrections)
-    if req.backend == "onnxruntime":
-        return _sample_output_onnxruntime(req, doc, configs, corrections)
-    raise UserError("no TensorRT engines in this version; use --backend torch or onnxruntime")
+    return _sample_output_engines(req, doc, configs, corrections)
 
 
 def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
@@ -122,12 +121,10 @@ def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
     return _generate(schedule, _torch_engines(model, req.out / CALIBRATION_DIR, set(configs)), req)
 
 
-def _sample_output_onnxruntime(req, doc, configs, corrections) -> np.ndarray:
-    """The deployed path: exported graphs and the folded schedule file, no torch in the loop."""
-    from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
+    """The deployed path: engines and the folded schedule file, no torch in the loop."""
     from ptqd.exporter.schedule import FoldedSchedule
-    from ptqd.exporter.stage import graph_path
-    from ptqd.pipeline import ONNX_DIR, SCHEDULER_DIR
+    from ptqd.pipeline import SCHEDULER_DIR
 
     sched_dir = req.out / SCHEDULER_DIR
     if not sched_dir.is_dir():
@@ -141,13 +138,32 @@ def _sample_output_onnxruntime(req, doc, configs, corrections) -> np.ndarray:
         sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
         schedule = build_schedule(sched_cfg, doc["num_inference_steps"], doc["eta"],
                                   schedule.sample_shape, configs, corrections)
-    engines = {}
-    for cfg in sorted(set(configs)):
-        path = graph_path(req.out / ONNX_DIR, cfg, "onnxruntime")
-        if not path.is_file():
-            raise UserError(f"{path} is missing: run `ptqd export {req.out}` (with --force to redo it)")
-        engines[cfg] = OnnxRuntimeUNet(path)
+    engines = {cfg: _engine(req.out, cfg, req.backend, req.graph) for cfg in sorted(set(configs))}
     return _generate(schedule, engines, req)
+
+
+def _engine(out: Path, cfg: str, backend: str, graph: str):
+    """onnxruntime: the CPU-fast graph (fused integer kernels, 8-bit output rounding on top)
+    or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan."""
+    from ptqd.exporter.stage import graph_path
+    from ptqd.pipeline import ENGINES_DIR, ONNX_DIR
+
+    if backend == "tensorrt":
+        from ptqd.engines.tensorrt import TensorRTUNet, import_tensorrt
+
+        import_tensorrt()
+        plan = out / ENGINES_DIR / f"unet_{cfg}.plan"
+        if not plan.is_file():
+            raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
+                            f"or {out / ENGINES_DIR / 'build_engines.sh'}")
+        return TensorRTUNet(plan)
+    from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+
+    flavour = "cpu-fast" if graph == "fast" else "onnxruntime"
+    path = graph_path(out / ONNX_DIR, cfg, flavour)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `ptqd export {out}` (with --force to redo it)")
+    return OnnxRuntimeUNet(path)
 
 
 def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:

@@ -52,3 +52,17 @@ def model_copy(tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(BUILTIN_MODELS["digits"], dst)
     return dst
+
+
+EXPORT_STEPS = 10
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A small but complete export-trt run on the built-in model (10 steps, 16 trajectories)."""
+    out = tmp_path_factory.mktemp("exp") / "out"
+    result = run_cli("--steps", str(EXPORT_STEPS), "--calib-samples", "16", "--output", str(out),
+                     entry="export-trt")
+    assert result.returncode == 0, result.stderr
+    (out.parent / "export-trt.log").write_text(result.stdout)  # beside OUT, not in it
+    return out

@@ -38,11 +38,14 @@ def test_bad_model_paths_are_one_sentence_errors(tmp_path, setup, fragment):
         resolve_model(str(setup(tmp_path)))
 
 
+def _edit_json(path, **changes):
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
 def test_unsupported_unet_class_is_refused(model_copy):
-    cfg_path = model_copy / "unet" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["_class_name"] = "UNet3DConditionModel"
-    cfg_path.write_text(json.dumps(cfg))
+    _edit_json(model_copy / "unet" / "config.json", _class_name="UNet3DConditionModel")
     with pytest.raises(UserError, match="UNet3DConditionModel is not supported"):
         resolve_model(str(model_copy))
 
@@ -55,10 +58,7 @@ def test_corrupted_weights_are_a_user_error(model_copy):
 
 
 def test_v_prediction_scheduler_is_refused(model_copy):
-    path = model_copy / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["prediction_type"] = "v_prediction"
-    path.write_text(json.dumps(cfg))
+    _edit_json(model_copy / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
     with pytest.raises(UserError, match="v_prediction"):
         load_scheduler_config(resolve_model(str(model_copy)))
 

@@ -27,6 +27,9 @@ class CalibrationData:
     eps: torch.Tensor                     # [steps, n, C, H, W]: full-precision eps(x_t, t)
     act_values: dict[str, torch.Tensor] = field(default_factory=dict)
     act_absmax: dict[str, float] = field(default_factory=dict)
+    # layer outputs: only the CPU-fast ONNX Runtime graph quantizes them (to fuse QLinear ops)
+    out_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    out_absmax: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -34,22 +37,29 @@ class CalibrationData:
 
 
 class ActivationObserver:
-    """Forward pre-hooks that keep the running |max| and a seeded random sample of inputs."""
+    """Hooks that keep the running |max| and a seeded random sample of each layer's input
+    (key "name") and output (key "name:out")."""
 
     def __init__(self, unet, layers: list[str], seed: int):
-        self.values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-        self.absmax: dict[str, float] = {n: 0.0 for n in layers}
+        keys = [k for n in layers for k in (n, f"{n}:out")]
+        self.values: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        self.absmax: dict[str, float] = {k: 0.0 for k in keys}
         self.gen = torch.Generator().manual_seed(seed)
         modules = quantizable_layers(unet)
         self.hooks = [modules[n].register_forward_pre_hook(self._hook(n)) for n in layers]
+        self.hooks += [modules[n].register_forward_hook(self._out_hook(f"{n}:out")) for n in layers]
 
-    def _hook(self, name):
-        def hook(module, inputs):
-            x = inputs[0].detach().flatten()
-            self.absmax[name] = max(self.absmax[name], float(x.abs().max()))
-            idx = torch.randint(0, x.numel(), (min(VALUES_PER_CALL, x.numel()),), generator=self.gen)
-            self.values[name].append(x[idx].clone())
-        return hook
+    def _record(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().flatten()
+        self.absmax[key] = max(self.absmax[key], float(x.abs().max()))
+        idx = torch.randint(0, x.numel(), (min(VALUES_PER_CALL, x.numel()),), generator=self.gen)
+        self.values[key].append(x[idx].clone())
+
+    def _hook(self, key):
+        return lambda module, inputs: self._record(key, inputs[0])
+
+    def _out_hook(self, key):
+        return lambda module, inputs, output: self._record(key, output)
 
     def close(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         for h in self.hooks:
@@ -81,5 +91,9 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
                                 progress=lambda: bar.update(count))
     finally:
         values, absmax = observer.close()
+    inputs = {k: v for k, v in values.items() if not k.endswith(":out")}
+    outputs = {k[:-4]: v for k, v in values.items() if k.endswith(":out")}
     return CalibrationData(timesteps, torch.stack([torch.cat(v) for v in xs]),
-                           torch.stack([torch.cat(e) for e in eps]), values, absmax)
+                           torch.stack([torch.cat(e) for e in eps]),
+                           inputs, {k: absmax[k] for k in inputs},
+                           outputs, {k: absmax[f"{k}:out"] for k in outputs})

@@ -22,6 +22,9 @@ PARAMS_JSON = "quant_params.json"
 class LayerQuant:
     weight_scale: torch.Tensor   # [out_channels] float32
     act_scale: torch.Tensor      # [] float32
+    # 8-bit scale of the layer's output, used only by the CPU-fast ONNX Runtime graph, which
+    # must quantize outputs for onnxruntime to fuse QLinearConv/QLinearMatMul
+    output_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -40,7 +43,9 @@ def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple
             continue
         result.layers[name] = LayerQuant(
             weight_scale=weight_scales(module.weight, wgrid),
-            act_scale=activation_scale(data.act_values[name], data.act_absmax[name], agrid).reshape(()))
+            act_scale=activation_scale(data.act_values[name], data.act_absmax[name], agrid).reshape(()),
+            output_scale=activation_scale(data.out_values[name], data.out_absmax[name],
+                                          IntGrid(8)).reshape(()))
     return result
 
 
@@ -53,6 +58,8 @@ def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) 
         for layer, lq in q.layers.items():
             tensors[f"{name}/{layer}/weight_scale"] = lq.weight_scale.contiguous()
             tensors[f"{name}/{layer}/act_scale"] = lq.act_scale.contiguous()
+            if lq.output_scale is not None:
+                tensors[f"{name}/{layer}/output_scale"] = lq.output_scale.contiguous()
         doc["configs"][name] = {"weight_bits": q.config.weight_bits, "act_bits": q.config.act_bits,
                                 "weight_granularity": "per-channel(axis=0)",
                                 "act_granularity": "per-tensor", "zero_point": 0,
@@ -71,6 +78,7 @@ def load_params(folder: Path) -> dict[str, ConfigQuant]:
         q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]))
         for layer in meta["quantized_layers"]:
             q.layers[layer] = LayerQuant(tensors[f"{name}/{layer}/weight_scale"],
-                                         tensors[f"{name}/{layer}/act_scale"])
+                                         tensors[f"{name}/{layer}/act_scale"],
+                                         tensors.get(f"{name}/{layer}/output_scale"))
         out[name] = q
     return out

@@ -21,6 +21,24 @@ def session_options(threads: int | None = None):
     return opts
 
 
+# onnxruntime 1.32's QDQ propagation moves INT8 Q/DQ pairs across Reshape/Unsqueeze and
+# builds a QuantizeLinear whose output type (INT8) disagrees with its zero point (UINT8), so
+# the session fails to load graphs with quantized layer outputs. The pass only moves Q/DQ
+# around shape ops; the QLinearConv/QLinearMatMul/QGemm fusions do not depend on it.
+DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
+
+
+def create_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
+                   optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    opts = session_options(threads)
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), opts, providers=providers or available_providers(),
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -33,11 +51,8 @@ class OnnxRuntimeUNet:
     """Callable engine: (sample, timestep) -> eps, over one onnxruntime session."""
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
-        import onnxruntime as ort
-
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), session_options(threads),
-                                            providers=providers or available_providers())
+        self.session = create_session(self.path, threads, providers)
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:

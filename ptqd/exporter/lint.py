@@ -28,7 +28,9 @@ RULES = {
     "int4-blocked": "INT4 MatMul/Gemm weights need block quantization (block 64 or 128)",
     "opset": "INT4 and block quantization need opset >= 21, per-channel needs >= 13",
 }
-TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked"}
+# TensorRT-specific: INT4 kernels, and the placement TensorRT fuses best; onnxruntime's
+# fast graphs need the opposite placement (quantized outputs feeding several ops).
+TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair"}
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,17 @@ def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
     w_trt = "INT8" if weight_bits == 8 else "INT8 holding the 4-bit grid [-8, 7]"
     a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
     return {
-        "tensorrt": {"weights": w_trt, "activations": a_trt,
+        "tensorrt": {"graph": "unet_<cfg>.onnx", "weights": w_trt, "activations": a_trt,
                      "executes": "INT8 kernel" + ("" if op in CONV_OPS else " (INT4 in TensorRT is "
                                                   "weight-only, which would drop the activation quantization)")},
-        "onnxruntime": {"weights": f"INT{weight_bits}", "activations": f"INT{act_bits}",
-                        "executes": "dequantized to float, float kernel (input-only QDQ is not fused)"},
+        "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": f"INT{weight_bits}",
+                        "activations": f"INT{act_bits}",
+                        "executes": "dequantized to float, float kernel (input-only QDQ is not "
+                                    "fused); the exact twin of the fake-quant model"},
+        "onnxruntime-fast": {"graph": "unet_<cfg>.cpu.onnx", "weights": w_trt, "activations": a_trt,
+                             "outputs": "INT8 (calibrated scale)",
+                             "executes": {"Conv": "QLinearConv", "MatMul": "QLinearMatMul",
+                                          "Gemm": "QGemm"}.get(op, "float")},
     }
 
 

@@ -31,12 +31,19 @@ class Storage:
     """How a configuration's integers are stored in one graph flavour."""
     weight_int4: bool   # 4-bit weights as INT4 (else the 4-bit grid in INT8)
     act_int4: bool      # 4-bit activations as INT4 Q/DQ (else Clip to the grid + INT8)
+    quantize_outputs: bool = False  # Q/DQ on layer outputs too (8-bit, calibrated scale)
 
 
 # TensorRT runs INT4 only as weight-only blocked MatMul/Gemm with float activations; a
 # W4A8 layer must keep its 8-bit activations, so its 4-bit weights are stored as INT8.
 TENSORRT = Storage(weight_int4=False, act_int4=False)
+# ONNX Runtime's reference: TensorRT's placement with INT4 storage, the exact twin of the
+# fake-quant model (onnxruntime runs it, but dequantizes to float kernels).
 ONNXRUNTIME = Storage(weight_int4=True, act_int4=True)
+# ONNX Runtime's fast graph: onnxruntime fuses DQ -> Conv/MatMul/Gemm -> Q into
+# QLinearConv/QLinearMatMul/QGemm only when the output is quantized, and those kernels take
+# INT8 only; the output rounding (8 bits) is the price, measured by the benchmark.
+ONNXRUNTIME_FAST = Storage(weight_int4=False, act_int4=False, quantize_outputs=True)
 
 
 def weight_axis(node, weight: np.ndarray) -> int:
@@ -65,6 +72,7 @@ class QDQInserter:
         self.storage = storage
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_nodes: dict[str, list] = {}   # consumer node name -> nodes to put before it
+        self.after_nodes: dict[str, list] = {}  # producer node name -> nodes to put after it
         self.new_inits: list = []
         self.dropped: set[str] = set()
 
@@ -104,6 +112,19 @@ class QDQInserter:
         self.dropped.add(w_name)
         self.new_nodes.setdefault(node.name, []).append(dq)
 
+    def output(self, node, layer: str, scale: float) -> None:
+        """Q -> DQ on the layer's output; consumers keep reading the original tensor name."""
+        base = f"{layer}/output_quant"
+        y = node.output[0]
+        node.output[0] = f"{base}/float"
+        s = self._const(f"{base}/scale", scale)
+        self.new_inits.append(_zero_point(f"{base}/zero_point", INT8, ()))
+        self.after_nodes.setdefault(node.name, []).extend([
+            helper.make_node("QuantizeLinear", [f"{base}/float", s, f"{base}/zero_point"], [f"{base}/q"],
+                             name=f"{base}/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{base}/q", s, f"{base}/zero_point"], [y],
+                             name=f"{base}/DequantizeLinear")])
+
     def _const(self, name: str, value: float) -> str:
         self.new_inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
         return name
@@ -116,6 +137,7 @@ class QDQInserter:
         for node in graph.node:
             ordered.extend(self.new_nodes.get(node.name, []))
             ordered.append(node)
+            ordered.extend(self.after_nodes.get(node.name, []))
         del graph.node[:]
         graph.node.extend(ordered)
         del graph.initializer[:]
@@ -136,6 +158,10 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
         node = nodes[layer]
         inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits)
         inserter.weight(node, layer, lq.weight_scale, quant.config.weight_bits)
+        if storage.quantize_outputs:
+            if lq.output_scale is None:
+                raise ValueError(f"{layer} has no output scale: recalibrate with this version")
+            inserter.output(node, layer, float(lq.output_scale))
     model = inserter.finish()
     model.graph.name = f"unet_{quant.config.name}"
     return model

@@ -15,10 +15,15 @@ from ptqd.errors import UserError
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
-from ptqd.exporter.qdq import ONNXRUNTIME, TENSORRT, insert_qdq
+from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
 from ptqd.exporter.timeline import build_schedule
 
-FLAVOURS = {"tensorrt": ("unet_{cfg}.onnx", TENSORRT), "onnxruntime": ("unet_{cfg}.ort.onnx", ONNXRUNTIME)}
+# flavour -> (file name, storage, whose lint rules apply)
+FLAVOURS = {
+    "tensorrt": ("unet_{cfg}.onnx", TENSORRT, "tensorrt"),
+    "onnxruntime": ("unet_{cfg}.ort.onnx", ONNXRUNTIME, "onnxruntime"),
+    "cpu-fast": ("unet_{cfg}.cpu.onnx", ONNXRUNTIME_FAST, "onnxruntime"),
+}
 PLAN_FILE = "precision_plan.json"
 
 
@@ -48,9 +53,9 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     fp_model = onnx.load(str(fp_path))
     written = [fp_path]
     for cfg in sorted(params):
-        for flavour, (_, storage) in FLAVOURS.items():
+        for flavour, (_, storage, target) in FLAVOURS.items():
             path = graph_path(onnx_dir, cfg, flavour)
-            _save_checked(insert_qdq(fp_model, params[cfg], storage), path, flavour)
+            _save_checked(insert_qdq(fp_model, params[cfg], storage), path, target)
             written.append(path)
     plan = precision_plan(layer_nodes(fp_model), params, fp_model)
     (onnx_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")

@@ -15,16 +15,6 @@ from ptqd.exporter.lint import lint_model
 from ptqd.output import file_sha256
 from tests.conftest import run_cli
 
-STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("exp") / "out"
-    result = run_cli("--steps", str(STEPS), "--calib-samples", "16", "--output", str(out),
-                     entry="export-trt")
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def test_every_artifact_is_in_the_manifest_with_its_hash(exported):
@@ -37,6 +27,7 @@ def test_every_artifact_is_in_the_manifest_with_its_hash(exported):
         assert entry["sha256"] == file_sha256(exported / path)
         assert entry["bytes"] == (exported / path).stat().st_size
     for name in ("onnx/unet_fp32.onnx", "onnx/unet_w4a8.onnx", "onnx/unet_w4a8.ort.onnx",
+                 "onnx/unet_w4a8.cpu.onnx",
                  "onnx/precision_plan.json", "scheduler/ptqd_schedule.json",
                  "scheduler/scheduler_config.json", "calibration/ptqd.json"):
         assert name in listed
@@ -47,12 +38,13 @@ def test_graphs_pass_checker_and_lint_and_store_4_bit_as_declared(exported):
     for path in sorted((exported / "onnx").glob("unet_w*.onnx")):
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path))
-        flavour = "onnxruntime" if path.name.endswith(".ort.onnx") else "tensorrt"
-        assert lint_model(model, flavour) == [], path.name
+        target = "onnxruntime" if path.name.endswith((".ort.onnx", ".cpu.onnx")) else "tensorrt"
+        assert lint_model(model, target) == [], path.name
         types = {i.data_type for i in model.graph.initializer}
         if "w4a8" in path.name:
-            # ONNX Runtime executes INT4; TensorRT gets the 4-bit grid in INT8 storage
-            assert (TensorProto.INT4 in types) == (flavour == "onnxruntime"), path.name
+            # ONNX Runtime's reference executes INT4; TensorRT and onnxruntime's fused integer
+            # kernels get the 4-bit grid in INT8 storage
+            assert (TensorProto.INT4 in types) == path.name.endswith(".ort.onnx"), path.name
         assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
 
 
@@ -173,11 +165,45 @@ def test_ptqd_statistics_recomputed_from_the_exported_graphs_agree(exported):
 
 
 def test_onnxruntime_sampler_matches_torch_fake_quant_sampler(exported, tmp_path):
+    """Mixed schedule, PTQD-corrected, same seeds, images in [0, 1]. The reference graphs
+    are fake-quant's exact twins but for float summation order, whose rounding flips cascade
+    over the steps (measured: 2.3e-3 mean, against 8.3e-3 between fake-quant and FP32), so
+    they must agree with torch far better than either agrees with FP32: under half the
+    quantization effect. The CPU-fast graphs also round every layer output to 8 bits
+    (measured: 5.4e-3): within 1 % of the range, and nearer to fake-quant than to FP32."""
     files = {}
-    for backend in ("torch", "onnxruntime"):
-        files[backend] = tmp_path / f"{backend}.npy"
-        r = run_cli("sample", str(exported), "--backend", backend, "--num", "8", "--seed", "3",
-                    "--output", str(files[backend]))
+    runs = {"torch": ["--backend", "torch"], "reference": ["--backend", "onnxruntime", "--graph", "reference"],
+            "fast": ["--backend", "onnxruntime"], "fp": ["--backend", "torch", "--precision", "fp32"]}
+    for name, args in runs.items():
+        files[name] = tmp_path / f"{name}.npy"
+        r = run_cli("sample", str(exported), *args, "--num", "8", "--seed", "3", "--output", str(files[name]))
         assert r.returncode == 0, r.stderr
-    a, b = np.load(files["torch"]), np.load(files["onnxruntime"])
-    assert np.abs(a - b).mean() < 5e-3
+    torch_, ref, fast, fp = (np.load(files[n]) for n in ("torch", "reference", "fast", "fp"))
+    assert np.abs(torch_ - ref).mean() < 0.5 * np.abs(torch_ - fp).mean()
+    assert np.abs(torch_ - fast).mean() < 1e-2
+    assert np.abs(torch_ - fast).mean() < np.abs(fast - fp).mean()
+
+
+def test_cpu_fast_graph_fuses_into_integer_kernels(exported, builtin_unet, tmp_path):
+    """onnxruntime turns the quantized Convs into QLinearConv (all but the two stride-2
+    downsamplers, which onnxruntime 1.32 leaves as DQ -> Conv) and the attention projections
+    into QLinearMatMul; the extra 8-bit output rounding keeps it close to fake-quant."""
+    from collections import Counter
+
+    from ptqd.engines.onnxruntime import create_session
+
+    params = load_params(exported / "calibration")["w8a8"]
+    optimized = tmp_path / "optimized.onnx"
+    sess = create_session(exported / "onnx" / "unet_w8a8.cpu.onnx", providers=["CPUExecutionProvider"],
+                          optimized_path=optimized)
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    convs = [l for l in params.layers if builtin_unet.get_submodule(l).__class__.__name__ == "Conv2d"]
+    assert ops["QLinearConv"] >= 0.9 * len(convs), (ops["QLinearConv"], len(convs))
+    assert ops["QLinearConv"] + ops["Conv"] == len(convs) + 2  # + conv_in, conv_out kept float
+    assert ops["QLinearMatMul"] > 0
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(8, 1, 16, 16, generator=gen), torch.linspace(980, 0, 8)
+    fp = builtin_unet(x, t).sample.numpy()
+    fq = fake_quant_unet(builtin_unet, params)(x, t).sample.numpy()
+    got = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
+    assert np.abs(got - fp).mean() < 2 * np.abs(fq - fp).mean()
