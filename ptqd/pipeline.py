@@ -72,12 +72,12 @@ def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -
     return run_calibration(req, model.source, model.unet, model.scheduler_config, folder)
 
 
-def stage_export(root: Path, model: LoadedModel) -> None:
-    """onnx/ and scheduler/ from root's calibration/."""
+def stage_export(calibration_dir: Path, root: Path, model: LoadedModel) -> None:
+    """root/onnx and root/scheduler from a calibration folder."""
     from ptqd.exporter.stage import export_graphs, export_scheduler
 
-    export_graphs(model, root / CALIBRATION_DIR, root / ONNX_DIR)
-    export_scheduler(model, root / CALIBRATION_DIR, root / SCHEDULER_DIR)
+    export_graphs(model, calibration_dir, root / ONNX_DIR)
+    export_scheduler(model, calibration_dir, root / SCHEDULER_DIR)
 
 
 def stage_engines(root: Path, backend: str, settings, engines_dir: Path | None = None) -> str:
@@ -109,7 +109,7 @@ def run_export(req: ExportRequest) -> Path:
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
     with staged_directory(req.out) as root:
         stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
-        stage_export(root, model)
+        stage_export(root / CALIBRATION_DIR, root, model)
         built = stage_engines(root, req.backend, settings)
         update_manifest(root, ["calibrate", "export", f"engines-{built}"],
                         {**_config_dict(req.calibration), "backend": req.backend, "batch": req.batch},
@@ -160,8 +160,7 @@ def run_export_stage(out: Path, force: bool) -> None:
     model = load_model(doc["model"], doc["num_inference_steps"])
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         staging = Path(tmp)
-        (staging / CALIBRATION_DIR).symlink_to((out / CALIBRATION_DIR).absolute())
-        stage_export(staging, model)
+        stage_export(out / CALIBRATION_DIR, staging, model)
         for name in (ONNX_DIR, SCHEDULER_DIR):
             replace_directory(staging / name, out / name)
     update_manifest(out, ["export"], {}, model.source.sha256)

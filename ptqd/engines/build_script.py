@@ -29,14 +29,6 @@ def trtexec_command(config: str, sample_shape: list[int], settings: BuildSetting
             f"--memPoolSize=workspace:{settings.workspace_mib}", "--skipInference"]
 
 
-def _metadata_lines(config: str, settings: BuildSettings) -> list[str]:
-    """Shell that writes engines/unet_<cfg>.json beside the plan, as the Python builder does."""
-    return [
-        f'write_metadata {shlex.quote(config)} {shlex.quote(str(settings.profile))} '
-        f'{settings.optimization_level}',
-    ]
-
-
 SCRIPT_HEAD = '''#!/usr/bin/env bash
 # Builds the TensorRT engines of this ptqd output. Written by ptqd because TensorRT was not
 # available where the output was made. Run it from the output directory inside NVIDIA's
@@ -69,7 +61,9 @@ def build_script(configs: list[str], steps_by_config: dict[str, int], sample_sha
         lines.append(f"# {config}: runs {steps_by_config.get(config, 0)} of the schedule's steps")
         cmd = trtexec_command(config, sample_shape, settings)
         lines.append(" \\\n  ".join(shlex.quote(part) for part in cmd))
-        lines.extend(_metadata_lines(config, settings))
+        # engines/unet_<cfg>.json beside the plan, as the Python builder writes it
+        lines.append(f"write_metadata {shlex.quote(config)} {shlex.quote(str(settings.profile))} "
+                     f"{settings.optimization_level}")
         lines.append(f'echo "built engines/unet_{config}.plan"\n')
     return "\n".join(lines)
 
