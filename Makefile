@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check ptqd tests
+	$(BIN)/ruff check ptqd tests benchmarks
 
 clean:
 	rm -rf $(VENV) ptqd-out .pytest_cache

@@ -9,12 +9,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ptqd.errors import UserError
 from ptqd.calibration.configs import DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
 from ptqd.model import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # the stage module pulls in torch; the CLI imports it only when it runs
+    from ptqd.calibration.stage import CalibrationRequest
 
 BACKENDS_SAMPLE = ("torch", "onnxruntime", "tensorrt")
 

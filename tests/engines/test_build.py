@@ -2,7 +2,6 @@
 `tensorrt` module (no real TensorRT can run here; tests using the fake say so in their names)."""
 import json
 import subprocess
-import sys
 import types
 
 import pytest
@@ -11,7 +10,7 @@ from ptqd.engines.profiles import BatchProfile
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, strongly_typed_flag
 from ptqd.errors import UserError
 from ptqd.output import file_sha256
-from tests.conftest import EXPORT_STEPS, assert_user_error, run_cli
+from tests.conftest import assert_user_error, run_cli
 
 
 def test_explicit_tensorrt_backend_without_tensorrt_is_one_line_and_writes_nothing(exported, tmp_path):
