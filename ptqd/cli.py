@@ -160,6 +160,21 @@ def build(out, backend, batch, force):
 
 
 @cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+def verify(out):
+    """Check OUT against its manifest (sha256, size) and the stages against each other."""
+    from ptqd.verify import verify as verify_output
+
+    problems = verify_output(out)
+    for line in problems:
+        click.echo(f"{out}/{line}")
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {out}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{out}: every artifact matches manifest.json and the stages agree")
+
+
+@cli.command()
 @click.argument("graphs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt",
               show_default=True, help="Whose rules: TensorRT's, or only those ONNX Runtime shares.")

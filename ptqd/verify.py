@@ -1,0 +1,111 @@
+"""`ptqd verify OUT`: is what is in OUT what was built?
+
+Checks every artifact against manifest.json (present, size, sha256), files nobody listed,
+and that the stages agree on their configurations: calibration's schedule, the graphs, the
+folded scheduler and the engines. Each problem is one line naming the file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ptqd.errors import UserError
+from ptqd.output import MANIFEST, file_sha256
+
+
+def check_artifacts(out: Path, manifest: dict) -> list[str]:
+    problems = []
+    listed = set()
+    for entry in manifest.get("artifacts", []):
+        path = out / entry["path"]
+        listed.add(entry["path"])
+        if not path.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['path']}: size {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 differs from the manifest (the file was changed)")
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(out).as_posix()
+        if rel not in listed and not any(part.startswith(".") for part in path.relative_to(out).parts):
+            problems.append(f"{rel}: not in the manifest")
+    return problems
+
+
+def _load_json(out: Path, rel: str, problems: list[str]) -> dict | None:
+    path = out / rel
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        problems.append(f"{rel}: not valid JSON")
+        return None
+
+
+def check_consistency(out: Path, manifest: dict) -> list[str]:
+    problems: list[str] = []
+    doc = _load_json(out, "calibration/ptqd.json", problems)
+    if doc is None:
+        return problems
+    if manifest.get("model_sha256") and doc.get("model_sha256") != manifest["model_sha256"]:
+        problems.append("calibration/ptqd.json: made from another model than manifest.json records")
+    scheduled = sorted({s["config"] for s in doc.get("steps", [])})
+    for cfg in doc.get("configs", {}):
+        for name in (f"onnx/unet_{cfg}.onnx", f"onnx/unet_{cfg}.ort.onnx", f"onnx/unet_{cfg}.cpu.onnx"):
+            if (out / "onnx").is_dir() and not (out / name).is_file():
+                problems.append(f"{name}: missing for calibrated configuration {cfg}")
+    table = _load_json(out, "scheduler/ptqd_schedule.json", problems)
+    if table is not None:
+        if [s["config"] for s in table["steps"]] != [s["config"] for s in doc["steps"]]:
+            problems.append("scheduler/ptqd_schedule.json: its engine per step differs from calibration/ptqd.json")
+        if [s["timestep"] for s in table["steps"]] != [s["timestep"] for s in doc["steps"]]:
+            problems.append("scheduler/ptqd_schedule.json: its timesteps differ from calibration/ptqd.json")
+        for s_table, s_cal in zip(table["steps"], doc["steps"]):
+            if abs(s_table["k"] - s_cal["k"]) > 1e-12:
+                problems.append(f"scheduler/ptqd_schedule.json: step {s_cal['index']} k {s_table['k']} "
+                                f"!= calibration's {s_cal['k']}")
+                break
+    engines = _load_json(out, "engines/onnxruntime.json", problems)
+    if engines is not None and sorted(engines.get("engines", {})) != scheduled:
+        problems.append(f"engines/onnxruntime.json: engines for {sorted(engines['engines'])}, "
+                        f"the schedule uses {scheduled}")
+    problems += _check_plans(out, scheduled)
+    return problems
+
+
+def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
+    problems = []
+    plans = sorted((out / "engines").glob("unet_*.plan")) if (out / "engines").is_dir() else []
+    for plan in plans:
+        meta_path = plan.with_suffix(".json")
+        if not meta_path.is_file():
+            problems.append(f"engines/{plan.name}: no metadata beside it")
+            continue
+        meta = json.loads(meta_path.read_text())
+        onnx = out / "onnx" / meta.get("source_onnx", "")
+        if not onnx.is_file() or file_sha256(onnx) != meta.get("source_onnx_sha256"):
+            problems.append(f"engines/{plan.name}: built from another onnx/{meta.get('source_onnx')}")
+        try:
+            import tensorrt
+
+            if tensorrt.__version__ != meta.get("tensorrt_version"):
+                problems.append(f"engines/{plan.name}: built with TensorRT {meta.get('tensorrt_version')}, "
+                                f"this machine has {tensorrt.__version__}")
+        except ImportError:
+            pass
+    if plans and sorted(p.stem.removeprefix("unet_") for p in plans) != scheduled:
+        problems.append(f"engines/: plans for {[p.stem for p in plans]}, the schedule uses {scheduled}")
+    return problems
+
+
+def verify(out: Path) -> list[str]:
+    if not out.is_dir():
+        raise UserError(f"{out} is not an output directory")
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"{out} has no {MANIFEST}: it was not made by ptqd (or is incomplete)")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except ValueError:
+        return [f"{MANIFEST}: not valid JSON"]
+    return check_artifacts(out, manifest) + check_consistency(out, manifest)
