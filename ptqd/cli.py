@@ -65,7 +65,8 @@ def cli(debug: bool) -> None:
               help="DDIM steps [default: 50, or OUT's calibrated count].")
 @click.option("--eta", type=click.FloatRange(min=0.0, max=1.0), default=None,
               help="DDIM eta [default: 0, or OUT's calibrated eta].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per UNet call [default: 64, or the engines' profile maximum].")
 @click.option("--backend", type=click.Choice(BACKENDS_SAMPLE), default="torch", show_default=True)
 @click.option("--precision", default="mixed", show_default=True,
               help="With OUT: mixed (the calibrated schedule), fp32, or a configuration such as w4a8.")

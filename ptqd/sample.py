@@ -14,6 +14,7 @@ from ptqd.errors import UserError
 from ptqd.output import atomic_write_bytes, check_output_file
 
 DEFAULT_STEPS = 50
+DEFAULT_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SampleRequest:
     seed: int
     steps: int | None
     eta: float | None
-    batch_size: int
+    batch_size: int | None   # None: the engines' profile maximum, or DEFAULT_BATCH
     backend: str
     npy: Path | None
     grid: Path | None
@@ -63,7 +64,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
         from ptqd.calibration.trajectory import sample_torch_fp
 
         return sample_torch_fp(model.unet, model.scheduler_config, steps, eta, req.num, req.seed,
-                               req.batch_size)
+                               req.batch_size or DEFAULT_BATCH)
     if req.backend == "onnxruntime":
         from ptqd.engines.onnxruntime import OnnxRuntimeUNet
         from ptqd.exporter.onnx_fp import export_fp_onnx
@@ -84,10 +85,10 @@ def _schedule(model, steps, eta, configs, corrections):
     return build_schedule(model.scheduler_config, steps, eta, shape, configs, corrections)
 
 
-def _generate(schedule, engines, req: SampleRequest) -> np.ndarray:
+def _generate(schedule, engines, req: SampleRequest, batch_size: int | None = None) -> np.ndarray:
     from ptqd.engines.sampler import generate
 
-    return generate(schedule, engines, req.num, req.seed, req.batch_size)
+    return generate(schedule, engines, req.num, req.seed, batch_size or req.batch_size or DEFAULT_BATCH)
 
 
 def sample_output(req: SampleRequest) -> np.ndarray:
@@ -138,8 +139,28 @@ def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
         sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
         schedule = build_schedule(sched_cfg, doc["num_inference_steps"], doc["eta"],
                                   schedule.sample_shape, configs, corrections)
+    batch_size = _engine_batch_size(req)
     engines = {cfg: _engine(req.out, cfg, req.backend, req.graph) for cfg in sorted(set(configs))}
-    return _generate(schedule, engines, req)
+    return _generate(schedule, engines, req, batch_size)
+
+
+def _engine_batch_size(req: SampleRequest) -> int:
+    """Engines are built for a batch range (--batch at build time): by default sample in
+    batches of its maximum; refuse an explicit --batch-size they cannot run."""
+    import json
+
+    from ptqd.pipeline import ENGINES_DIR
+
+    meta = req.out / ENGINES_DIR / "onnxruntime.json"
+    if not meta.is_file():
+        return req.batch_size or DEFAULT_BATCH
+    lo, _, hi = (int(v) for v in json.loads(meta.read_text())["batch_profile"].split(","))
+    if req.batch_size is None:
+        return hi
+    if not lo <= min(req.batch_size, req.num) <= hi:
+        raise UserError(f"batch {min(req.batch_size, req.num)} is outside the engines' profile {lo}..{hi}; "
+                        f"use --batch-size within it or rebuild with `ptqd build {req.out} --batch ... --force`")
+    return req.batch_size
 
 
 def _engine(out: Path, cfg: str, backend: str, graph: str):

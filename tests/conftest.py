@@ -66,3 +66,11 @@ def exported(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     (out.parent / "export-trt.log").write_text(result.stdout)  # beside OUT, not in it
     return out
+
+
+@pytest.fixture()
+def exported_copy(exported, tmp_path):
+    """A writable copy of the session's export, for tests that damage it."""
+    dst = tmp_path / "out"
+    shutil.copytree(exported, dst)
+    return dst

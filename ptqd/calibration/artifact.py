@@ -37,10 +37,11 @@ def load_ptqd_json(folder: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({exc}); it was truncated or edited") from None
     if doc.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: unknown format version {doc.get('format_version')!r}")
-    for cfg, per_step in doc.get("stats", {}).items():
+    tables = [("schedule", doc.get("steps", []))] + list(doc.get("stats", {}).items())
+    for name, per_step in tables:
         for s in per_step:
             for key in ("k", "bias", "sigma_q", "bias_map"):
-                _finite(s.get(key), f"{path} ({cfg}, step {s['index']}, {key})")
+                _finite(s.get(key), f"{path} ({name}, step {s.get('index')}, {key})")
     return doc
 
 

@@ -71,8 +71,16 @@ def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) 
 def load_params(folder: Path) -> dict[str, ConfigQuant]:
     from safetensors.torch import load_file
 
-    doc = json.loads((folder / PARAMS_JSON).read_text())
-    tensors = load_file(str(folder / PARAMS_TENSORS))
+    from safetensors import SafetensorError
+
+    from ptqd.errors import UserError
+
+    try:
+        doc = json.loads((folder / PARAMS_JSON).read_text())
+        tensors = load_file(str(folder / PARAMS_TENSORS))
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, bad JSON, damaged tensors
+        raise UserError(f"{folder}: quantization parameters do not load ({type(exc).__name__}); "
+                        "recalibrate, or check the output with `ptqd verify`") from None
     out = {}
     for name, meta in doc["configs"].items():
         q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]))

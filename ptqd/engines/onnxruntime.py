@@ -32,11 +32,18 @@ def create_session(path: Path, threads: int | None = None, providers: list[str] 
                    optimized_path: Path | None = None):
     import onnxruntime as ort
 
+    from ptqd.errors import UserError
+
     opts = session_options(threads)
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), opts, providers=providers or available_providers(),
-                                disabled_optimizers=DISABLED_OPTIMIZERS)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or available_providers(),
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} does not load in onnxruntime ({first}); was it truncated or "
+                        "edited? `ptqd verify` checks the output against its manifest") from None
 
 
 def available_providers() -> list[str]:

@@ -1,0 +1,43 @@
+"""Interrupting a real export (SIGTERM or Ctrl-C) leaves the previous output intact and
+nothing half-written; a rerun then completes."""
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+ARGS = ["--steps", "10", "--calib-samples", "16", "--force"]
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_export_keeps_the_previous_output(exported, tmp_path, sig):
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    before = (out / "manifest.json").read_bytes()
+    script = Path(sys.executable).parent / "export-trt"
+    proc = subprocess.Popen([str(script), *ARGS, "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert _leftovers(tmp_path, "out"), "the export never started staging"
+    time.sleep(2)  # well inside calibration
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert (out / "manifest.json").read_bytes() == before
+    assert _leftovers(tmp_path, "out") == []
+    assert run_cli("verify", str(out)).returncode == 0
+    rerun = run_cli(*ARGS, "--output", str(out), entry="export-trt")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _leftovers(tmp_path, "out") == [] and run_cli("verify", str(out)).returncode == 0
