@@ -52,7 +52,7 @@ def run_ptqd(model_spec: str, out: Path, batch: int, mixed: bool) -> dict:
     from ptqd.engines.onnxruntime import OnnxRuntimeUNet
     from ptqd.engines.sampler import generate
     from ptqd.exporter.schedule import FoldedSchedule
-    from ptqd.exporter.stage import graph_path
+    from ptqd.exporter.graph_files import graph_path
 
     schedule = FoldedSchedule.load(out / "scheduler")
     if not mixed:

@@ -72,7 +72,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
         schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
         with tempfile.TemporaryDirectory(prefix="ptqd-sample-") as tmp:
             engine = OnnxRuntimeUNet(export_fp_onnx(model.unet, Path(tmp) / "unet_fp32.onnx"))
-        return _generate(schedule, {"fp32": engine}, req)
+        return _generate(schedule, {"fp32": engine}, req, req.batch_size or DEFAULT_BATCH)
     raise UserError("--backend tensorrt runs an exported output's engines: give OUT "
                     "(made by export-trt)")
 
@@ -85,10 +85,10 @@ def _schedule(model, steps, eta, configs, corrections):
     return build_schedule(model.scheduler_config, steps, eta, shape, configs, corrections)
 
 
-def _generate(schedule, engines, req: SampleRequest, batch_size: int | None = None) -> np.ndarray:
+def _generate(schedule, engines, req: SampleRequest, batch_size: int) -> np.ndarray:
     from ptqd.engines.sampler import generate
 
-    return generate(schedule, engines, req.num, req.seed, batch_size or req.batch_size or DEFAULT_BATCH)
+    return generate(schedule, engines, req.num, req.seed, batch_size)
 
 
 def sample_output(req: SampleRequest) -> np.ndarray:
@@ -119,7 +119,8 @@ def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
         raise UserError(f"model {doc['model']!r} has changed since {req.out} was calibrated "
                         "(sha256 differs); recalibrate")
     schedule = _schedule(model, doc["num_inference_steps"], doc["eta"], configs, corrections)
-    return _generate(schedule, _torch_engines(model, req.out / CALIBRATION_DIR, set(configs)), req)
+    engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
+    return _generate(schedule, engines, req, req.batch_size or DEFAULT_BATCH)
 
 
 def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
@@ -149,9 +150,10 @@ def _engine_batch_size(req: SampleRequest) -> int:
     batches of its maximum; refuse an explicit --batch-size they cannot run."""
     import json
 
+    from ptqd.engines.stage import ORT_MANIFEST
     from ptqd.pipeline import ENGINES_DIR
 
-    meta = req.out / ENGINES_DIR / "onnxruntime.json"
+    meta = req.out / ENGINES_DIR / ORT_MANIFEST
     if not meta.is_file():
         return req.batch_size or DEFAULT_BATCH
     lo, _, hi = (int(v) for v in json.loads(meta.read_text())["batch_profile"].split(","))
@@ -166,7 +168,7 @@ def _engine_batch_size(req: SampleRequest) -> int:
 def _engine(out: Path, cfg: str, backend: str, graph: str):
     """onnxruntime: the CPU-fast graph (fused integer kernels, 8-bit output rounding on top)
     or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan."""
-    from ptqd.exporter.stage import graph_path
+    from ptqd.exporter.graph_files import graph_path
     from ptqd.pipeline import ENGINES_DIR, ONNX_DIR
 
     if backend == "tensorrt":

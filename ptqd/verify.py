@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ptqd.engines.stage import ORT_MANIFEST
 from ptqd.errors import UserError
+from ptqd.exporter.graph_files import GRAPH_FILES, graph_path
 from ptqd.output import MANIFEST, file_sha256
 
 
@@ -52,9 +54,10 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
         problems.append("calibration/ptqd.json: made from another model than manifest.json records")
     scheduled = sorted({s["config"] for s in doc.get("steps", [])})
     for cfg in doc.get("configs", {}):
-        for name in (f"onnx/unet_{cfg}.onnx", f"onnx/unet_{cfg}.ort.onnx", f"onnx/unet_{cfg}.cpu.onnx"):
-            if (out / "onnx").is_dir() and not (out / name).is_file():
-                problems.append(f"{name}: missing for calibrated configuration {cfg}")
+        for flavour in GRAPH_FILES:
+            path = graph_path(out / "onnx", cfg, flavour)
+            if (out / "onnx").is_dir() and not path.is_file():
+                problems.append(f"onnx/{path.name}: missing for calibrated configuration {cfg}")
     table = _load_json(out, "scheduler/ptqd_schedule.json", problems)
     if table is not None:
         if [s["config"] for s in table["steps"]] != [s["config"] for s in doc["steps"]]:
@@ -66,9 +69,9 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
                 problems.append(f"scheduler/ptqd_schedule.json: step {s_cal['index']} k {s_table['k']} "
                                 f"!= calibration's {s_cal['k']}")
                 break
-    engines = _load_json(out, "engines/onnxruntime.json", problems)
+    engines = _load_json(out, f"engines/{ORT_MANIFEST}", problems)
     if engines is not None and sorted(engines.get("engines", {})) != scheduled:
-        problems.append(f"engines/onnxruntime.json: engines for {sorted(engines['engines'])}, "
+        problems.append(f"engines/{ORT_MANIFEST}: engines for {sorted(engines['engines'])}, "
                         f"the schedule uses {scheduled}")
     problems += _check_plans(out, scheduled)
     return problems

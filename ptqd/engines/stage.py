@@ -19,6 +19,7 @@ from ptqd.engines.build_script import write_build_script
 from ptqd.engines.onnxruntime import create_session
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, import_tensorrt, tensorrt_available
 from ptqd.errors import UserError
+from ptqd.exporter.graph_files import graph_path
 from ptqd.exporter.schedule import FoldedSchedule
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -37,7 +38,8 @@ def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> lis
     plans = []
     for config in configs:
         plan = engines_dir / f"unet_{config}.plan"
-        meta = builder.build(out / "onnx" / f"unet_{config}.onnx", plan, config, schedule.sample_shape)
+        meta = builder.build(graph_path(out / "onnx", config, "tensorrt"), plan, config,
+                             schedule.sample_shape)
         click.echo(f"[engines] {plan.name}: TensorRT {meta['tensorrt_version']}, "
                    f"{meta['gpu']['name']} (sm {meta['gpu']['compute_capability']})")
         plans.append(plan)
@@ -45,8 +47,6 @@ def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> lis
 
 
 def build_onnxruntime(out: Path, engines_dir: Path, settings: BuildSettings) -> Path:
-    from ptqd.exporter.stage import graph_path
-
     _, configs, _ = _schedule_configs(out)
     entries = {}
     for config in configs:

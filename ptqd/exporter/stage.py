@@ -12,25 +12,20 @@ import onnx
 from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
+from ptqd.exporter.graph_files import graph_path
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
 from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
 from ptqd.exporter.timeline import build_schedule
 
-# flavour -> (file name, storage, whose lint rules apply)
+# flavour -> (storage, whose lint rules apply); file names in graph_files.GRAPH_FILES
 FLAVOURS = {
-    "tensorrt": ("unet_{cfg}.onnx", TENSORRT, "tensorrt"),
-    "onnxruntime": ("unet_{cfg}.ort.onnx", ONNXRUNTIME, "onnxruntime"),
-    "cpu-fast": ("unet_{cfg}.cpu.onnx", ONNXRUNTIME_FAST, "onnxruntime"),
+    "tensorrt": (TENSORRT, "tensorrt"),
+    "onnxruntime": (ONNXRUNTIME, "onnxruntime"),
+    "cpu-fast": (ONNXRUNTIME_FAST, "onnxruntime"),
 }
 PLAN_FILE = "precision_plan.json"
-
-
-def graph_path(onnx_dir: Path, cfg: str, flavour: str) -> Path:
-    if cfg == "fp32":
-        return onnx_dir / "unet_fp32.onnx"
-    return onnx_dir / FLAVOURS[flavour][0].format(cfg=cfg)
 
 
 def _save_checked(model: onnx.ModelProto, path: Path, target: str) -> None:
@@ -49,11 +44,11 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     params = load_params(calibration_dir)
     onnx_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fp_path = export_fp_onnx(model.unet, onnx_dir / "unet_fp32.onnx")
+    fp_path = export_fp_onnx(model.unet, graph_path(onnx_dir, "fp32", "tensorrt"))
     fp_model = onnx.load(str(fp_path))
     written = [fp_path]
     for cfg in sorted(params):
-        for flavour, (_, storage, target) in FLAVOURS.items():
+        for flavour, (storage, target) in FLAVOURS.items():
             path = graph_path(onnx_dir, cfg, flavour)
             _save_checked(insert_qdq(fp_model, params[cfg], storage), path, target)
             written.append(path)
