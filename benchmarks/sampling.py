@@ -63,11 +63,11 @@ def run_ptqd(model_spec: str, out: Path, batch: int, mixed: bool) -> dict:
         schedule = build_schedule(cfg, STEPS, 0.0, schedule.sample_shape, ["fp32"] * STEPS)
     engines = {c: TimedEngine(OnnxRuntimeUNet(graph_path(out / "onnx", c, "cpu-fast")))
                for c in schedule.configs}
-    generate(schedule, engines, batch, 0, batch, progress=False)  # warm-up (first-run allocations)
+    generate(schedule, engines, batch, 0, batch)  # warm-up (first-run allocations)
     for e in engines.values():
         e.seconds = 0.0
     t0 = time.perf_counter()
-    generate(schedule, engines, batch, 0, batch, progress=False)
+    generate(schedule, engines, batch, 0, batch)
     return {"seconds": time.perf_counter() - t0, "engine_seconds": sum(e.seconds for e in engines.values())}
 
 

@@ -162,6 +162,83 @@ def build(out, backend, batch, force):
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--unets", default="auto", show_default=True,
+              help="How the sampler runs the UNets: tensorrt (plans as Triton TensorRT models, via BLS), "
+                   "onnxruntime (Python-backend ONNX Runtime models, via BLS), in-process (ONNX Runtime "
+                   "inside the sampler), or auto (tensorrt when OUT has plans, else in-process).")
+@click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Sampler model instances (concurrent requests served at once).")
+@_force_option
+def deploy(out, unets, instances, force):
+    """Write OUT/triton, a model repository for `tritonserver --model-repository OUT/triton`."""
+    from ptqd.pipeline import run_deploy_stage
+
+    run_deploy_stage(out, unets, instances, force)
+
+
+def _triton_env_option(f):
+    return click.option("--triton-env", type=click.Path(path_type=Path), default=None,
+                        help="Environment with nvidia-pytriton [default: $PTQD_TRITON_ENV or .venv-triton "
+                             "beside this environment; `make triton-env` makes it].")(f)
+
+
+@cli.command()
+@click.argument("repository", type=click.Path(path_type=Path))
+@_triton_env_option
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+def serve(repository, triton_env, http_port, grpc_port):
+    """Serve a repository (OUT/triton, or OUT) on 127.0.0.1 with the CPU Triton server until Ctrl-C."""
+    import time
+
+    from ptqd.deploy.server import LocalTritonServer
+
+    if (repository / "triton").is_dir():
+        repository = repository / "triton"
+    server = LocalTritonServer(repository, triton_env, http_port, grpc_port)
+    with server:
+        click.echo(f"serving {repository} on http {server.http_url}, grpc {server.grpc_url} "
+                   f"(ready in {server.start_seconds:.1f} s); Ctrl-C stops it")
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise UserError(f"tritonserver exited (code {server.process.returncode}); its log ends:\n"
+                        f"{server.log_tail()}")
+
+
+@cli.command()
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the server.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--num", type=click.IntRange(min=1), default=16, show_default=True)
+@_seed_option
+@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the first image of the seed (images are numbered as in `ptqd sample`).")
+@click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
+@click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
+@_force_option
+def client(url, protocol, num, seed, first_index, npy, grid, force):
+    """Ask a Triton server running OUT/triton for images."""
+    import time
+
+    from ptqd.deploy.client import request_images
+    from ptqd.output import check_output_file
+    from ptqd.sample import write_images
+
+    if npy is None and grid is None:
+        raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
+    for path in (npy, grid):
+        if path is not None:
+            check_output_file(path, force)
+    started = time.perf_counter()
+    images = request_images(url, num, seed, first_index, protocol)
+    click.echo(f"{num} images from {url} ({protocol}) in {time.perf_counter() - started:.2f} s")
+    write_images(images, npy, grid)
+    for path in (npy, grid):
+        if path is not None:
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
 def verify(out):
     """Check OUT against its manifest (sha256, size) and the stages against each other."""
     from ptqd.verify import verify as verify_output

@@ -20,6 +20,7 @@ CALIBRATION_DIR = "calibration"
 ONNX_DIR = "onnx"
 SCHEDULER_DIR = "scheduler"
 ENGINES_DIR = "engines"
+TRITON_DIR = "triton"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ def stage_engines(root: Path, backend: str, settings, engines_dir: Path | None =
     return build_engines(root, engines_dir or root / ENGINES_DIR, backend, settings)
 
 
+def stage_deploy(root: Path, unets: str = "auto", instances: int | None = None,
+                 dest: Path | None = None) -> str:
+    from ptqd.deploy.repository import DEFAULT_INSTANCES, write_repository
+
+    return write_repository(root, dest or root / TRITON_DIR, unets, instances or DEFAULT_INSTANCES)
+
+
 def _config_dict(req: CalibrationRequest) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
 
@@ -110,10 +118,11 @@ def run_export(req: ExportRequest) -> Path:
         stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
         stage_export(root / CALIBRATION_DIR, root, model)
         built = stage_engines(root, req.backend, settings)
-        update_manifest(root, ["calibrate", "export", f"engines-{built}"],
+        stage_deploy(root)
+        update_manifest(root, ["calibrate", "export", f"engines-{built}", "deploy"],
                         {**_config_dict(req.calibration), "backend": req.backend, "batch": req.batch},
                         model.source.sha256)
-    click.echo("not run (not implemented yet): triton, report")
+    click.echo("not run (not implemented yet): report")
     click.echo(f"wrote {req.out}")
     return req.out
 
@@ -178,3 +187,16 @@ def run_build_stage(out: Path, backend: str, batch: str, force: bool) -> None:
     sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
     update_manifest(out, [f"engines-{built}"], {"backend": backend, "batch": batch}, sha)
     click.echo(f"wrote {out / ENGINES_DIR}")
+
+
+def run_deploy_stage(out: Path, unets: str, instances: int, force: bool) -> None:
+    """`ptqd deploy OUT`: OUT/triton from OUT/scheduler, OUT/engines and OUT/onnx."""
+    if not out.is_dir():
+        raise UserError(f"{out} is not an output directory (made by export-trt)")
+    if (out / TRITON_DIR).exists() and not force:
+        raise UserError(f"{out / TRITON_DIR} exists; pass --force to write it again")
+    with staged_directory(out / TRITON_DIR) as staging:
+        stage_deploy(out, unets, instances, dest=staging)
+    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances}, sha)
+    click.echo(f"wrote {out / TRITON_DIR}")

@@ -86,9 +86,13 @@ def _schedule(model, steps, eta, configs, corrections):
 
 
 def _generate(schedule, engines, req: SampleRequest, batch_size: int) -> np.ndarray:
+    from tqdm import tqdm
+
     from ptqd.engines.sampler import generate
 
-    return generate(schedule, engines, req.num, req.seed, batch_size)
+    with tqdm(total=req.num * len(schedule.steps), unit="img-step", disable=None,
+              desc="sampling", leave=False) as bar:
+        return generate(schedule, engines, req.num, req.seed, batch_size, on_progress=bar.update)
 
 
 def sample_output(req: SampleRequest) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Checks every artifact against manifest.json (present, size, sha256), files nobody listed,
 and that the stages agree on their configurations: calibration's schedule, the graphs, the
-folded scheduler and the engines. Each problem is one line naming the file.
+folded scheduler, the engines and the Triton repository. Each problem is one line naming the file.
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ def check_artifacts(out: Path, manifest: dict) -> list[str]:
             problems.append(f"{entry['path']}: sha256 differs from the manifest (the file was changed)")
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(out).as_posix()
-        if rel not in listed and not any(part.startswith(".") for part in path.relative_to(out).parts):
+        # hidden files are staging leftovers' business; __pycache__ is what Triton's Python
+        # backend writes beside the model.py files it imports from triton/
+        parts = path.relative_to(out).parts
+        if rel not in listed and not any(p.startswith(".") or p == "__pycache__" for p in parts):
             problems.append(f"{rel}: not in the manifest")
     return problems
 
@@ -74,6 +77,56 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
         problems.append(f"engines/{ORT_MANIFEST}: engines for {sorted(engines['engines'])}, "
                         f"the schedule uses {scheduled}")
     problems += _check_plans(out, scheduled)
+    if (out / "triton").is_dir():
+        problems += check_triton(out, scheduled)
+    return problems
+
+
+def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
+    rel = copy.relative_to(out).as_posix()
+    if not copy.is_file():
+        return [f"{rel}: missing"]
+    if not original.is_file() or file_sha256(copy) != file_sha256(original):
+        return [f"{rel}: differs from {original.relative_to(out).as_posix()} (redeploy: `ptqd deploy {out.name} --force`)"]
+    return []
+
+
+def check_triton(out: Path, scheduled: list[str]) -> list[str]:
+    """Every config.pbtxt as Triton parses it; the repository runs the schedule, graphs and
+    plans that the other stages hold (a rebuild without a redeploy shows up here)."""
+    from ptqd.deploy.model_config import CONFIG_FILE, parse_config
+    from ptqd.deploy.repository import SAMPLER, unet_model_name
+    from ptqd.exporter.schedule import SCHEDULE_FILE
+
+    problems, configs = [], {}
+    for path in sorted((out / "triton").glob(f"*/{CONFIG_FILE}")):
+        rel = path.relative_to(out).as_posix()
+        try:
+            configs[path.parent.name] = config = parse_config(path.read_text())
+        except Exception as exc:  # protobuf's ParseError, or undecodable bytes
+            problems.append(f"{rel}: Triton would reject it ({str(exc).splitlines()[0][:160]})")
+            continue
+        if config.name and config.name != path.parent.name:
+            problems.append(f"{rel}: names model {config.name!r} in folder {path.parent.name!r}")
+    sampler = configs.get(SAMPLER)
+    if sampler is None:
+        return problems + [f"triton/{SAMPLER}/{CONFIG_FILE}: missing or unreadable"]
+    version = out / "triton" / SAMPLER / "1"
+    problems += _same_file(out, version / SCHEDULE_FILE, out / "scheduler" / SCHEDULE_FILE)
+    unets = sampler.parameters["unets"].string_value if "unets" in sampler.parameters else ""
+    for cfg in scheduled:
+        graph = graph_path(out / "onnx", cfg, "cpu-fast")
+        if unets == "in-process":
+            problems += _same_file(out, version / "onnx" / graph.name, graph)
+            continue
+        name = unet_model_name(cfg)
+        if name not in configs:
+            problems.append(f"triton/{name}: missing, the schedule runs {cfg}")
+        elif configs[name].platform == "tensorrt_plan":
+            problems += _same_file(out, out / "triton" / name / "1" / "model.plan",
+                                   out / "engines" / f"unet_{cfg}.plan")
+        else:
+            problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
     return problems
 
 

@@ -42,17 +42,18 @@ def to_images(x: np.ndarray) -> np.ndarray:
 
 
 def generate(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], num: int, seed: int,
-             batch_size: int, progress: bool = True) -> np.ndarray:
-    """num images in [0, 1], [num, C, H, W]; sample i depends only on (seed, i)."""
-    from tqdm import tqdm
+             batch_size: int, first_index: int = 0,
+             on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Images first_index .. first_index+num-1 of `seed`, in [0, 1], [num, C, H, W].
 
+    Sample i depends only on (seed, i), so a request for images 8..15 returns the same images
+    as the second half of a request for 0..15. on_progress(n) is told of n image-steps done.
+    """
     shape = tuple(schedule.sample_shape)
     chunks = []
-    with tqdm(total=num * len(schedule.steps), unit="img-step", disable=not progress or None,
-              desc="sampling", leave=False) as bar:
-        for start in range(0, num, batch_size):
-            count = min(batch_size, num - start)
-            noise = SampleNoise(seed, start, count, shape)
-            x = denoise(schedule, engines, noise, on_step=lambda _: bar.update(count))
-            chunks.append(to_images(x))
+    for start in range(0, num, batch_size):
+        count = min(batch_size, num - start)
+        noise = SampleNoise(seed, first_index + start, count, shape)
+        step_done = (lambda _, n=count: on_progress(n)) if on_progress else None
+        chunks.append(to_images(denoise(schedule, engines, noise, on_step=step_done)))
     return np.concatenate(chunks)

@@ -1,8 +1,13 @@
 """Where each graph flavour lives in OUT/onnx. Kept apart from the exporter (which needs
-torch) so the sampler, the engines stage and `ptqd verify` can name graphs cheaply."""
+torch) so the sampler, the engines stage, the Triton repository and `ptqd verify` can name
+graphs cheaply."""
 from __future__ import annotations
 
 from pathlib import Path
+
+# Every UNet graph's interface (batch axis dynamic); the Triton models use the same names.
+INPUT_NAMES = ("sample", "timestep")
+OUTPUT_NAME = "noise_pred"
 
 FP_GRAPH = "unet_fp32.onnx"
 GRAPH_FILES = {

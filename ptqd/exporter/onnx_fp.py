@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME
+
 OPSET = 21
-INPUT_NAMES = ("sample", "timestep")
-OUTPUT_NAME = "noise_pred"
 NODE_PREFIX = "/unet/"
 
 

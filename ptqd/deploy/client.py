@@ -1,0 +1,61 @@
+"""Ask a Triton server running ptqd's repository for images (`ptqd client`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ptqd.deploy.model_config import SAMPLER_OUTPUT
+from ptqd.deploy.repository import SAMPLER
+from ptqd.errors import UserError
+
+PROTOCOLS = ("http", "grpc")
+
+
+def _module(protocol: str):
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: expected http or grpc")
+    try:
+        if protocol == "http":
+            import tritonclient.http as module
+        else:
+            import tritonclient.grpc as module
+    except ImportError:
+        raise UserError("the client needs tritonclient, a ptqd dependency: reinstall ptqd (make install)") from None
+    return module
+
+
+def _inputs(module, seed: int, num: int, first_index: int) -> list:
+    values = {"seed": np.array([seed], dtype=np.int64), "num_images": np.array([num], dtype=np.int32),
+              "first_index": np.array([first_index], dtype=np.int64)}
+    inputs = []
+    for name, value in values.items():
+        tensor = module.InferInput(name, list(value.shape), "INT64" if value.dtype == np.int64 else "INT32")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol: str = "http",
+                   model: str = SAMPLER, timeout: float = 600.0) -> np.ndarray:
+    """Images first_index.. of `seed` from the sampler model: float32 [num, C, H, W] in [0, 1]."""
+    from tritonclient.utils import InferenceServerException
+
+    module = _module(protocol)
+    if "://" in url:
+        raise UserError(f"--url {url!r}: give host:port without a scheme, e.g. 127.0.0.1:8000")
+    try:
+        if protocol == "http":
+            client = module.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
+            result = client.infer(model, _inputs(module, seed, num, first_index),
+                                  outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)])
+        else:
+            client = module.InferenceServerClient(url)
+            result = client.infer(model, _inputs(module, seed, num, first_index),
+                                  outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)], client_timeout=timeout)
+    except InferenceServerException as exc:
+        raise UserError(f"{url}: {exc.message() or exc}") from None
+    except (ConnectionError, OSError) as exc:
+        raise UserError(f"cannot reach a Triton server at {url} ({exc})") from None
+    images = result.as_numpy(SAMPLER_OUTPUT)
+    if images is None or images.shape[0] != num:
+        raise UserError(f"{url}: the server answered without {num} images")
+    return images
