@@ -239,6 +239,19 @@ def client(url, protocol, num, seed, first_index, npy, grid, force):
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--num", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Samples per variant (FP32, each configuration with/without PTQD, the mixed schedule).")
+@_seed_option
+@_force_option
+def report(out, num, seed, force):
+    """Write OUT/report: metrics.json, plots and report.html (what quantization cost, what PTQD won back)."""
+    from ptqd.pipeline import run_report_stage
+
+    run_report_stage(out, num, seed, force)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
 def verify(out):
     """Check OUT against its manifest (sha256, size) and the stages against each other."""
     from ptqd.verify import verify as verify_output
@@ -277,16 +290,20 @@ def lint(graphs, target):
 @click.option("--output", "out", type=click.Path(path_type=Path), default=Path("ptqd-out"),
               show_default=True)
 @_engine_options
+@click.option("--no-report", is_flag=True, help="Skip OUT/report (metrics, plots, report.html).")
+@click.option("--report-samples", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Samples per variant in the report (same seeds for every variant).")
 @_force_option
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def export_trt(out, force, debug, backend, batch, **kw):
+def export_trt(out, force, debug, backend, batch, no_report, report_samples, **kw):
     """Run the whole pipeline on --model into OUT (default ./ptqd-out)."""
     from ptqd.pipeline import ExportRequest, run_export
 
     if debug:
         os.environ["PTQD_DEBUG"] = "1"
     run_export(ExportRequest(calibration=_calibration_request(kw), out=out, force=force,
-                             backend=backend, batch=batch))
+                             backend=backend, batch=batch, report=not no_report,
+                             report_samples=report_samples))
 
 
 def _run(command: click.Command, argv: list[str] | None) -> None:

@@ -90,14 +90,18 @@ def tool_versions() -> dict:
     return versions
 
 
-def write_manifest(root: Path, config: dict, model_sha256: str, stages: list[str]) -> Path:
-    """List every file under root (but the manifest) with its sha256 and size."""
+def write_manifest(root: Path, config: dict, model_sha256: str, stages: list[str],
+                   stage_records: dict | None = None) -> Path:
+    """List every file under root (but the manifest and Python's caches) with its sha256 and
+    size; stage_records are export-trt's digests for resuming (ptqd.resume)."""
     artifacts = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+                       and "__pycache__" not in p.relative_to(root).parts):
         artifacts.append({"path": path.relative_to(root).as_posix(),
                           "sha256": file_sha256(path), "bytes": path.stat().st_size})
     doc = {"format_version": 1, "config": config, "model_sha256": model_sha256,
-           "stages": stages, "tools": tool_versions(), "artifacts": artifacts}
+           "stages": stages, "tools": tool_versions(), "stage_records": stage_records or {},
+           "artifacts": artifacts}
     target = root / MANIFEST
     atomic_write_bytes(target, (json.dumps(doc, indent=2) + "\n").encode())
     return target

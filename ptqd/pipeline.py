@@ -21,6 +21,7 @@ ONNX_DIR = "onnx"
 SCHEDULER_DIR = "scheduler"
 ENGINES_DIR = "engines"
 TRITON_DIR = "triton"
+REPORT_DIR = "report"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class ExportRequest:
     force: bool = False
     backend: str = "auto"
     batch: str = "1,4,8"
+    report: bool = True
+    report_samples: int = 128
 
 
 def engine_settings(backend: str, batch: str):
@@ -93,11 +96,21 @@ def stage_deploy(root: Path, unets: str = "auto", instances: int | None = None,
     return write_repository(root, dest or root / TRITON_DIR, unets, instances or DEFAULT_INSTANCES)
 
 
+def stage_report(root: Path, samples: int, dest: Path | None = None) -> None:
+    from ptqd.evaluation.report import write_report
+
+    write_report(root, dest or root / REPORT_DIR, samples)
+    click.echo(f"[report] {REPORT_DIR}/report.html, metrics.json and plots ({samples} samples per variant)")
+
+
 def _config_dict(req: CalibrationRequest) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
 
 
-def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str) -> None:
+def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str,
+                    stage_records: dict | None = None) -> None:
+    """Merge into root's manifest. A stage run alone (stage_records None) drops the records
+    export-trt keeps for resuming: they no longer describe what is on disk."""
     previous = {}
     if (root / MANIFEST).is_file():
         try:
@@ -105,26 +118,107 @@ def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: s
         except ValueError:
             previous = {}
     done = [s for s in previous.get("stages", []) if s not in stages] + stages
-    write_manifest(root, {**previous.get("config", {}), **config}, model_sha256, done)
+    write_manifest(root, {**previous.get("config", {}), **config}, model_sha256, done,
+                   stage_records=stage_records or {})
+
+
+PIPELINE = ("calibrate", "export", "engines", "deploy", "report")
+
+
+def pipeline_stages(req: ExportRequest) -> tuple[str, ...]:
+    return PIPELINE if req.report else PIPELINE[:-1]
+
+
+def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) -> str:
+    """What a stage's result depends on: its options and the files of the stages before it."""
+    from ptqd import __version__
+    from ptqd.engines.tensorrt import tensorrt_version
+    from ptqd.resume import inputs_digest, tree_digest
+
+    parts: dict = {"stage": stage, "ptqd": __version__}
+    if stage == "calibrate":
+        parts.update(model=model_sha256, request=_config_dict(req.calibration))
+    elif stage == "export":
+        parts.update(calibration=tree_digest(root, (CALIBRATION_DIR,)))
+    elif stage == "engines":
+        parts.update(graphs=tree_digest(root, (ONNX_DIR, SCHEDULER_DIR)), backend=req.backend,
+                     batch=req.batch, tensorrt=tensorrt_version())
+    elif stage == "deploy":
+        parts.update(upstream=tree_digest(root, (ONNX_DIR, SCHEDULER_DIR, ENGINES_DIR)))
+    else:
+        parts.update(upstream=tree_digest(root, (CALIBRATION_DIR, ONNX_DIR, SCHEDULER_DIR, ENGINES_DIR,
+                                                 TRITON_DIR)), samples=req.report_samples)
+    return inputs_digest(parts)
+
+
+def stages_to_redo(req: ExportRequest, model_sha256: str, ledger) -> list[str]:
+    """Against the previous output: the first stage whose inputs or outputs changed, and
+    everything after it (later stages' inputs are its outputs)."""
+    stages = pipeline_stages(req)
+    for i, stage in enumerate(stages):
+        if not ledger.reusable(stage, stage_inputs(stage, req.out, req, model_sha256)):
+            return list(stages[i:])
+    if not req.report and (req.out / REPORT_DIR).exists():
+        return ["remove report (--no-report)"]
+    return []
 
 
 def run_export(req: ExportRequest) -> Path:
+    from ptqd.model import resolve_model
+    from ptqd.resume import StageLedger
+
     req.calibration.validate()
     settings = engine_settings(req.backend, req.batch)
-    check_output_dir(req.out, req.force)
+    ledger = StageLedger(req.out if (req.out / MANIFEST).is_file() else None)
+    if ledger.old:
+        redo = stages_to_redo(req, resolve_model(req.calibration.model).sha256, ledger)
+        if not redo:
+            click.echo(f"{req.out} is up to date: every stage's inputs are unchanged, nothing to do")
+            return req.out
+        if not req.force:
+            raise UserError(f"output {req.out} exists and this run would change it (redo: {', '.join(redo)}); "
+                            "pass --force to replace it")
+    else:
+        check_output_dir(req.out, req.force)
     model = load_model(req.calibration.model, req.calibration.steps)
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
+    run_stage = {
+        "calibrate": lambda root: stage_calibrate(root / CALIBRATION_DIR, req.calibration, model),
+        "export": lambda root: stage_export(root / CALIBRATION_DIR, root, model),
+        "engines": lambda root: stage_engines(root, req.backend, settings),
+        "deploy": lambda root: stage_deploy(root),
+        "report": lambda root: stage_report(root, req.report_samples),
+    }
     with staged_directory(req.out) as root:
-        stage_calibrate(root / CALIBRATION_DIR, req.calibration, model)
-        stage_export(root / CALIBRATION_DIR, root, model)
-        built = stage_engines(root, req.backend, settings)
-        stage_deploy(root)
-        update_manifest(root, ["calibrate", "export", f"engines-{built}", "deploy"],
-                        {**_config_dict(req.calibration), "backend": req.backend, "batch": req.batch},
-                        model.source.sha256)
-    click.echo("not run (not implemented yet): report")
+        stages = []
+        for stage in pipeline_stages(req):
+            key = stage_inputs(stage, root, req, model.source.sha256)
+            if ledger.reusable(stage, key):
+                ledger.reuse(stage, root)
+                click.echo(f"[{stage}] inputs unchanged: reused from the previous {req.out}")
+                result = _previous_engines(ledger) if stage == "engines" else None
+            else:
+                result = run_stage[stage](root)
+            ledger.record(stage, key, root)
+            stages.append(f"engines-{result}" if stage == "engines" else stage)
+        update_manifest(root, stages, {**_config_dict(req.calibration), "backend": req.backend,
+                                       "batch": req.batch}, model.source.sha256, ledger.records)
     click.echo(f"wrote {req.out}")
+    if req.report:
+        from ptqd.evaluation.report import print_headline
+
+        print_headline(json.loads((req.out / REPORT_DIR / "metrics.json").read_text()),
+                       req.out / REPORT_DIR / "report.html")
     return req.out
+
+
+def _previous_engines(ledger) -> str:
+    """A reused engines stage keeps the backend it was built with."""
+    try:
+        stages = json.loads((ledger.previous / MANIFEST).read_text()).get("stages", [])
+    except ValueError:
+        stages = []
+    return next((s.removeprefix("engines-") for s in stages if s.startswith("engines-")), "onnxruntime")
 
 
 def run_calibrate(req: CalibrationRequest, out: Path, force: bool) -> Path:
@@ -200,3 +294,18 @@ def run_deploy_stage(out: Path, unets: str, instances: int, force: bool) -> None
     sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
     update_manifest(out, ["deploy"], {"unets": unets, "instances": instances}, sha)
     click.echo(f"wrote {out / TRITON_DIR}")
+
+
+def run_report_stage(out: Path, samples: int, seed: int, force: bool) -> None:
+    """`ptqd report OUT`: OUT/report from the other stages' files."""
+    from ptqd.evaluation.report import print_headline, write_report
+
+    if not (out / CALIBRATION_DIR / "ptqd.json").is_file() or not (out / ENGINES_DIR).is_dir():
+        raise UserError(f"{out} is not a complete output (made by export-trt): the report samples its engines")
+    if (out / REPORT_DIR).exists() and not force:
+        raise UserError(f"{out / REPORT_DIR} exists; pass --force to write it again")
+    with staged_directory(out / REPORT_DIR) as staging:
+        metrics = write_report(out, staging, samples, seed)
+    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    update_manifest(out, ["report"], {}, sha)
+    print_headline(metrics, out / REPORT_DIR / "report.html")

@@ -72,7 +72,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
         schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
         with tempfile.TemporaryDirectory(prefix="ptqd-sample-") as tmp:
             engine = OnnxRuntimeUNet(export_fp_onnx(model.unet, Path(tmp) / "unet_fp32.onnx"))
-        return _generate(schedule, {"fp32": engine}, req, req.batch_size or DEFAULT_BATCH)
+        return _generate(schedule, {"fp32": engine}, req.batch_size or DEFAULT_BATCH, req)
     raise UserError("--backend tensorrt runs an exported output's engines: give OUT "
                     "(made by export-trt)")
 
@@ -85,7 +85,7 @@ def _schedule(model, steps, eta, configs, corrections):
     return build_schedule(model.scheduler_config, steps, eta, shape, configs, corrections)
 
 
-def _generate(schedule, engines, req: SampleRequest, batch_size: int) -> np.ndarray:
+def _generate(schedule, engines, batch_size: int, req: SampleRequest) -> np.ndarray:
     from tqdm import tqdm
 
     from ptqd.engines.sampler import generate
@@ -97,6 +97,18 @@ def _generate(schedule, engines, req: SampleRequest, batch_size: int) -> np.ndar
 
 def sample_output(req: SampleRequest) -> np.ndarray:
     """Sample OUT's quantized model at --precision, with or without the PTQD correction."""
+    if req.backend == "torch":
+        return _sample_output_torch(req, *_output_plan(req))
+    return _generate(*output_sampler(req), req)
+
+
+def output_sampler(req: SampleRequest):
+    """(schedule, engines, batch size) that sample OUT on its engines as `req` asks: what
+    `ptqd sample OUT --backend onnxruntime|tensorrt` runs, for callers that drive the loop."""
+    return _sample_output_engines(req, *_output_plan(req))
+
+
+def _output_plan(req: SampleRequest):
     from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
     from ptqd.pipeline import CALIBRATION_DIR
 
@@ -110,9 +122,7 @@ def sample_output(req: SampleRequest) -> np.ndarray:
         raise UserError(f"{req.out} was calibrated for --steps {steps} --eta {eta:g}; its PTQD "
                         "statistics are not valid for other values (recalibrate)")
     configs, corrections = steps_and_corrections(doc, req.precision, req.correction)
-    if req.backend == "torch":
-        return _sample_output_torch(req, doc, configs, corrections)
-    return _sample_output_engines(req, doc, configs, corrections)
+    return doc, configs, corrections
 
 
 def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
@@ -124,7 +134,7 @@ def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
                         "(sha256 differs); recalibrate")
     schedule = _schedule(model, doc["num_inference_steps"], doc["eta"], configs, corrections)
     engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
-    return _generate(schedule, engines, req, req.batch_size or DEFAULT_BATCH)
+    return _generate(schedule, engines, req.batch_size or DEFAULT_BATCH, req)
 
 
 def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
@@ -146,7 +156,7 @@ def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
                                   schedule.sample_shape, configs, corrections)
     batch_size = _engine_batch_size(req)
     engines = {cfg: _engine(req.out, cfg, req.backend, req.graph) for cfg in sorted(set(configs))}
-    return _generate(schedule, engines, req, batch_size)
+    return schedule, engines, batch_size
 
 
 def _engine_batch_size(req: SampleRequest) -> int:

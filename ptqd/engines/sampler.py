@@ -20,8 +20,9 @@ class UNetEngine(Protocol):
 
 
 def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: SampleNoise,
-            on_step: Callable[[int], None] | None = None) -> np.ndarray:
-    """Run every step of the schedule on one batch; returns x_0 (unclipped, model scale)."""
+            on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Run every step of the schedule on one batch; returns x_0 (unclipped, model scale).
+    on_step(index, x) sees the latent after each step."""
     missing = sorted(set(schedule.configs) - set(engines))
     if missing:
         raise KeyError(f"no engine for configuration(s) {', '.join(missing)}")
@@ -32,7 +33,7 @@ def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: 
         eps = np.asarray(engines[step.config](x, t), dtype=np.float32)
         x = apply_step(schedule, step, x, eps, noise.step() if stochastic else None)
         if on_step:
-            on_step(step.index)
+            on_step(step.index, x)
     return x
 
 
@@ -54,6 +55,6 @@ def generate(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], num: i
     for start in range(0, num, batch_size):
         count = min(batch_size, num - start)
         noise = SampleNoise(seed, first_index + start, count, shape)
-        step_done = (lambda _, n=count: on_progress(n)) if on_progress else None
+        step_done = (lambda _i, _x, n=count: on_progress(n)) if on_progress else None
         chunks.append(to_images(denoise(schedule, engines, noise, on_step=step_done)))
     return np.concatenate(chunks)

@@ -29,6 +29,13 @@ def import_tensorrt():
     return trt
 
 
+def tensorrt_version() -> str | None:
+    try:
+        return import_tensorrt().__version__
+    except UserError:
+        return None
+
+
 def tensorrt_available() -> bool:
     try:
         import_tensorrt()
