@@ -201,8 +201,7 @@ def serve(repository, triton_env, http_port, grpc_port):
                    f"(ready in {server.start_seconds:.1f} s); Ctrl-C stops it")
         while server.process.poll() is None:
             time.sleep(0.5)
-        raise UserError(f"tritonserver exited (code {server.process.returncode}); its log ends:\n"
-                        f"{server.log_tail()}")
+        raise UserError(f"tritonserver exited (code {server.process.returncode}): {server.last_error()}")
 
 
 @cli.command()

@@ -44,6 +44,15 @@ def _site_packages(env: Path) -> Path:
                     f"run `make triton-env`, or point --triton-env / ${ENV_VAR} at one")
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,6 +113,10 @@ class LocalTritonServer:
     def start(self, timeout: float = 180.0) -> "LocalTritonServer":
         if not self.repository.is_dir():
             raise UserError(f"{self.repository} is not a Triton model repository")
+        # checked first: readiness is polled over HTTP, and another server on the port would answer
+        for port in (self.http_port, self.grpc_port):
+            if port_in_use(port):
+                raise UserError(f"port {port} on 127.0.0.1 is in use; choose another (--http-port/--grpc-port)")
         self._scratch = tempfile.TemporaryDirectory(prefix="ptqd-triton-")
         scratch = Path(self._scratch.name)
         log = open(self.log_path or scratch / "tritonserver.log", "wb")
@@ -126,6 +139,12 @@ class LocalTritonServer:
             return ""
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
+    def last_error(self) -> str:
+        """The server's last error line (one line, for a one-line message)."""
+        lines = self.log_tail(200).splitlines()
+        errors = [line for line in lines if line.startswith("E") or "error" in line.lower()]
+        return (errors or lines or ["(no log)"])[-1].strip()[:300]
+
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
@@ -138,11 +157,11 @@ class LocalTritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UserError(f"tritonserver exited (code {self.process.returncode}) before it was "
-                                f"ready; its log ends:\n{self.log_tail()}")
+                                f"ready: {self.last_error()}")
             if self.ready():
                 return
             time.sleep(0.2)
-        raise UserError(f"tritonserver not ready after {timeout:.0f} s; its log ends:\n{self.log_tail()}")
+        raise UserError(f"tritonserver not ready after {timeout:.0f} s: {self.last_error()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -60,7 +60,8 @@ def _costs(m: dict) -> str:
     bops_rows += [[c, f"{v:.3e}", f"{b['fp32_per_step'] / v:.1f}x"] for c, v in b["per_step"].items()]
     bops_rows.append([f"schedule ({b['policy']})", f"{b['schedule_total'] / m['num_inference_steps']:.3e} (mean)",
                       f"{b['saving_vs_fp32']:.1f}x"])
-    size_rows = [["fp32 (unet_fp32.onnx)", f"{s['fp32_onnx'] / 1e6:.2f}", "", ""]]
+    size_rows = [["model weights (diffusers)", _num(s["model_weights"] and s["model_weights"] / 1e6, ".2f"), "", ""],
+                 ["fp32 (unet_fp32.onnx)", f"{s['fp32_onnx'] / 1e6:.2f}", "", ""]]
     for cfg, flavours in s["graphs"].items():
         size_rows.append([cfg, *(_num(flavours[f] / 1e6 if flavours[f] else None, ".2f")
                                  for f in ("tensorrt", "onnxruntime", "cpu-fast"))])

@@ -53,7 +53,10 @@ def _sizes(out: Path, doc: dict, scheduled: list[str]) -> dict:
 
     onnx = out / "onnx"
     size = lambda p: p.stat().st_size if p.is_file() else None
-    sizes = {"fp32_onnx": size(graph_path(onnx, "fp32", "tensorrt")),
+    from ptqd.model import resolve_model
+
+    sizes = {"model_weights": size(resolve_model(doc["model"]).weights),
+             "fp32_onnx": size(graph_path(onnx, "fp32", "tensorrt")),
              "graphs": {cfg: {flavour: size(graph_path(onnx, cfg, flavour)) for flavour in GRAPH_FILES}
                         for cfg in doc["configs"]},
              "plans": {p.stem: p.stat().st_size for p in sorted((out / "engines").glob("unet_*.plan"))}}

@@ -16,7 +16,7 @@ from ptqd.engines.sampler import generate
 from ptqd.errors import UserError
 from ptqd.exporter.graph_files import graph_path
 from ptqd.exporter.schedule import FoldedSchedule
-from tests.conftest import run_cli
+from tests.conftest import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,15 @@ def test_server_that_cannot_start_fails_loudly(tmp_path):
     (tmp_path / "broken" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n')
     with pytest.raises(UserError, match="tritonserver exited"):
         LocalTritonServer(tmp_path, log_path=tmp_path / "log.txt").start(timeout=60)
+
+
+def test_serve_refuses_a_busy_port_and_a_missing_environment(exported, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_user_error(run_cli("serve", str(exported), "--http-port", str(port)), f"port {port}", "in use")
+    assert_user_error(run_cli("serve", str(exported), "--triton-env", str(tmp_path / "none")),
+                      "no Triton server environment", "make triton-env")

@@ -36,6 +36,7 @@ def test_report_has_every_variant_step_and_cost(metrics):
                 "latent_mse_mixed", "latent_mse_mixed+ptqd"} <= set(step)
     assert metrics["bops"]["saving_vs_fp32"] > 4  # 4-/8-bit vs 32-bit
     assert metrics["sizes"]["fp32_onnx"] > 3 * metrics["sizes"]["graphs"]["w4a8"]["onnxruntime"]
+    assert metrics["sizes"]["model_weights"] > metrics["sizes"]["graphs"]["w4a8"]["tensorrt"]
     assert "not built" in metrics["engines"]["tensorrt"]  # no TensorRT here, and the report says so
     # the correction pulls the quantized samples towards FP32, as in calibration's held-out check
     assert metrics["variants"]["w4a8+ptqd"]["mse"] < metrics["variants"]["w4a8"]["mse"]
