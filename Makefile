@@ -23,7 +23,7 @@ triton-env: $(TRITON_STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,report]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $@
 
 demo: install

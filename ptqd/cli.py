@@ -39,7 +39,8 @@ def _eta_option(f):
 
 
 def _seed_option(f):
-    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+    # seeds travel as INT64 (Triton requests, numpy generators): bounded to what fits
+    return click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                         help="Seed; sample i of seed S is the same whatever backend or precision.")(f)
 
 
@@ -205,11 +206,11 @@ def serve(repository, triton_env, http_port, grpc_port):
 
 
 @cli.command()
-@click.option("--url", default="127.0.0.1:8000", show_default=True, help="host:port of the server.")
+@click.option("--url", default=None, help="host:port of the server [default: 127.0.0.1:8000 for http, :8001 for grpc].")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
-@click.option("--num", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--num", type=click.IntRange(1, 2**31 - 1), default=16, show_default=True)
 @_seed_option
-@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--first-index", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Index of the first image of the seed (images are numbered as in `ptqd sample`).")
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
@@ -224,6 +225,7 @@ def client(url, protocol, num, seed, first_index, npy, grid, force):
 
     if npy is None and grid is None:
         raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
+    url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     for path in (npy, grid):
         if path is not None:
             check_output_file(path, force)

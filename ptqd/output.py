@@ -41,6 +41,7 @@ def staged_directory(final: Path):
     """Yield an empty temporary sibling of `final`; on success it replaces `final`."""
     final = final.absolute()
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would keep a non-root server out of OUT/triton
     try:
         yield staging
         replace_directory(staging, final)
@@ -88,6 +89,15 @@ def tool_versions() -> dict:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return versions
+
+
+def read_manifest(root: Path) -> dict:
+    """root's manifest.json as a dict; {} if it is missing, unreadable or not an object."""
+    try:
+        doc = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def write_manifest(root: Path, config: dict, model_sha256: str, stages: list[str],

@@ -6,6 +6,7 @@ interrupted run never leaves a half-written stage behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 
 from ptqd.calibration.stage import CalibrationRequest
 from ptqd.errors import UserError
-from ptqd.output import MANIFEST, check_output_dir, staged_directory, write_manifest
+from ptqd.output import MANIFEST, check_output_dir, read_manifest, staged_directory, write_manifest
 
 CALIBRATION_DIR = "calibration"
 ONNX_DIR = "onnx"
@@ -109,17 +110,14 @@ def _config_dict(req: CalibrationRequest) -> dict:
 
 def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str,
                     stage_records: dict | None = None) -> None:
-    """Merge into root's manifest. A stage run alone (stage_records None) drops the records
-    export-trt keeps for resuming: they no longer describe what is on disk."""
-    previous = {}
-    if (root / MANIFEST).is_file():
-        try:
-            previous = json.loads((root / MANIFEST).read_text())
-        except ValueError:
-            previous = {}
+    """Merge into root's manifest. A stage run alone (stage_records None) keeps export-trt's
+    resume records: each also holds its stage's output digest, so a stage whose files the
+    lone run changed, and every stage after it, no longer matches and is redone."""
+    previous = read_manifest(root)
     done = [s for s in previous.get("stages", []) if s not in stages] + stages
+    records = stage_records if stage_records is not None else previous.get("stage_records", {})
     write_manifest(root, {**previous.get("config", {}), **config}, model_sha256, done,
-                   stage_records=stage_records or {})
+                   stage_records=records)
 
 
 PIPELINE = ("calibrate", "export", "engines", "deploy", "report")
@@ -132,7 +130,7 @@ def pipeline_stages(req: ExportRequest) -> tuple[str, ...]:
 def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) -> str:
     """What a stage's result depends on: its options and the files of the stages before it."""
     from ptqd import __version__
-    from ptqd.engines.tensorrt import tensorrt_version
+    from ptqd.engines.tensorrt import gpu_description, tensorrt_version
     from ptqd.resume import inputs_digest, tree_digest
 
     parts: dict = {"stage": stage, "ptqd": __version__}
@@ -141,10 +139,13 @@ def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) 
     elif stage == "export":
         parts.update(calibration=tree_digest(root, (CALIBRATION_DIR,)))
     elif stage == "engines":
+        trt = tensorrt_version()
         parts.update(graphs=tree_digest(root, (ONNX_DIR, SCHEDULER_DIR)), backend=req.backend,
-                     batch=req.batch, tensorrt=tensorrt_version())
+                     batch=req.batch, tensorrt=trt, gpu=gpu_description() if trt else None)
     elif stage == "deploy":
-        parts.update(upstream=tree_digest(root, (ONNX_DIR, SCHEDULER_DIR, ENGINES_DIR)))
+        # the repository records onnxruntime threads per instance, from this machine's cores
+        parts.update(upstream=tree_digest(root, (ONNX_DIR, SCHEDULER_DIR, ENGINES_DIR)),
+                     cores=len(os.sched_getaffinity(0)))
     else:
         parts.update(upstream=tree_digest(root, (CALIBRATION_DIR, ONNX_DIR, SCHEDULER_DIR, ENGINES_DIR,
                                                  TRITON_DIR)), samples=req.report_samples)
@@ -214,10 +215,7 @@ def run_export(req: ExportRequest) -> Path:
 
 def _previous_engines(ledger) -> str:
     """A reused engines stage keeps the backend it was built with."""
-    try:
-        stages = json.loads((ledger.previous / MANIFEST).read_text()).get("stages", [])
-    except ValueError:
-        stages = []
+    stages = read_manifest(ledger.previous).get("stages", [])
     return next((s.removeprefix("engines-") for s in stages if s.startswith("engines-")), "onnxruntime")
 
 
@@ -278,20 +276,24 @@ def run_build_stage(out: Path, backend: str, batch: str, force: bool) -> None:
         raise UserError(f"{out / ENGINES_DIR} exists; pass --force to rebuild")
     with staged_directory(out / ENGINES_DIR) as staging:
         built = stage_engines(out, backend, settings, engines_dir=staging)
-    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    sha = read_manifest(out).get("model_sha256", "")
     update_manifest(out, [f"engines-{built}"], {"backend": backend, "batch": batch}, sha)
     click.echo(f"wrote {out / ENGINES_DIR}")
 
 
 def run_deploy_stage(out: Path, unets: str, instances: int, force: bool) -> None:
     """`ptqd deploy OUT`: OUT/triton from OUT/scheduler, OUT/engines and OUT/onnx."""
+    from ptqd.deploy.repository import UNET_MODES
+
+    if unets not in UNET_MODES:
+        raise UserError(f"--unets {unets!r}: expected one of {', '.join(UNET_MODES)}")
     if not out.is_dir():
         raise UserError(f"{out} is not an output directory (made by export-trt)")
     if (out / TRITON_DIR).exists() and not force:
         raise UserError(f"{out / TRITON_DIR} exists; pass --force to write it again")
     with staged_directory(out / TRITON_DIR) as staging:
         stage_deploy(out, unets, instances, dest=staging)
-    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    sha = read_manifest(out).get("model_sha256", "")
     update_manifest(out, ["deploy"], {"unets": unets, "instances": instances}, sha)
     click.echo(f"wrote {out / TRITON_DIR}")
 
@@ -306,6 +308,6 @@ def run_report_stage(out: Path, samples: int, seed: int, force: bool) -> None:
         raise UserError(f"{out / REPORT_DIR} exists; pass --force to write it again")
     with staged_directory(out / REPORT_DIR) as staging:
         metrics = write_report(out, staging, samples, seed)
-    sha = json.loads((out / MANIFEST).read_text()).get("model_sha256", "") if (out / MANIFEST).is_file() else ""
+    sha = read_manifest(out).get("model_sha256", "")
     update_manifest(out, ["report"], {}, sha)
     print_headline(metrics, out / REPORT_DIR / "report.html")

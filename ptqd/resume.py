@@ -14,10 +14,21 @@ import os
 import shutil
 from pathlib import Path
 
-from ptqd.output import MANIFEST, file_sha256
+from ptqd.output import file_sha256, read_manifest
 
 STAGE_DIRS = {"calibrate": ("calibration",), "export": ("onnx", "scheduler"),
               "engines": ("engines",), "deploy": ("triton",), "report": ("report",)}
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_mtime_ns, stat.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
 
 
 def tree_digest(root: Path, dirs: tuple[str, ...]) -> str:
@@ -30,7 +41,7 @@ def tree_digest(root: Path, dirs: tuple[str, ...]) -> str:
             rel = path.relative_to(root)
             if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
                 continue
-            digest.update(f"{rel.as_posix()}\0{file_sha256(path)}\n".encode())
+            digest.update(f"{rel.as_posix()}\0{_file_digest(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -53,12 +64,8 @@ class StageLedger:
 
     def __init__(self, previous: Path | None):
         self.previous = previous
-        self.old: dict = {}
-        if previous is not None and (previous / MANIFEST).is_file():
-            try:
-                self.old = json.loads((previous / MANIFEST).read_text()).get("stage_records", {})
-            except ValueError:
-                self.old = {}
+        records = read_manifest(previous).get("stage_records") if previous is not None else None
+        self.old: dict = records if isinstance(records, dict) else {}
         self.records: dict = {}
 
     def reusable(self, stage: str, inputs: str) -> bool:

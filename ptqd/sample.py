@@ -193,7 +193,10 @@ def _engine(out: Path, cfg: str, backend: str, graph: str):
         if not plan.is_file():
             raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
                             f"or {out / ENGINES_DIR / 'build_engines.sh'}")
-        return TensorRTUNet(plan)
+        from ptqd.engines.sampler import MinBatch
+
+        unet = TensorRTUNet(plan)
+        return MinBatch(unet, unet.batch_range[0])  # a last, smaller chunk is padded
     from ptqd.engines.onnxruntime import OnnxRuntimeUNet
 
     flavour = "cpu-fast" if graph == "fast" else "onnxruntime"

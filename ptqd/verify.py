@@ -164,4 +164,6 @@ def verify(out: Path) -> list[str]:
         manifest = json.loads((out / MANIFEST).read_text())
     except ValueError:
         return [f"{MANIFEST}: not valid JSON"]
+    if not isinstance(manifest, dict):
+        return [f"{MANIFEST}: not a JSON object"]
     return check_artifacts(out, manifest) + check_consistency(out, manifest)

@@ -65,3 +65,12 @@ def test_no_report_drops_the_report_and_reuses_the_rest(exported_copy):
     assert not (exported_copy / "report").exists()
     assert "report:" not in result.stdout
     assert run_cli("verify", str(exported_copy)).returncode == 0
+
+
+def test_a_corrupt_manifest_is_one_line_and_leaves_the_output(exported_copy):
+    (exported_copy / "manifest.json").write_text("[1, 2]")
+    before = _snapshot(exported_copy)
+    assert_user_error(_export(exported_copy), "exists and is not empty", "--force")
+    assert _snapshot(exported_copy) == before
+    result = run_cli("verify", str(exported_copy))
+    assert result.returncode == 1 and "manifest.json: not a JSON object" in result.stdout

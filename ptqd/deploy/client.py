@@ -40,7 +40,8 @@ def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
-    if "://" in url:
+    host, _, port = url.rpartition(":")
+    if "://" in url or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"--url {url!r}: give host:port without a scheme, e.g. 127.0.0.1:8000")
     try:
         if protocol == "http":
@@ -53,7 +54,7 @@ def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol
                                   outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)], client_timeout=timeout)
     except InferenceServerException as exc:
         raise UserError(f"{url}: {exc.message() or exc}") from None
-    except (ConnectionError, OSError) as exc:
+    except (ConnectionError, OSError, ValueError) as exc:  # ValueError: a port out of range
         raise UserError(f"cannot reach a Triton server at {url} ({exc})") from None
     images = result.as_numpy(SAMPLER_OUTPUT)
     if images is None or images.shape[0] != num:

@@ -46,6 +46,9 @@ def unet_model_name(cfg: str) -> str:
 
 def _copy(src: Path, dst: Path) -> None:
     """Hard-link where possible (graphs and plans can be large), else copy."""
+    if not src.is_file():
+        raise UserError(f"{src} is missing: run `ptqd export` / `ptqd build` on the output again "
+                        "(`ptqd verify` lists what else is wrong)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -71,7 +74,11 @@ def engine_profile(out: Path) -> BatchProfile:
     metas = sorted(engines.glob("unet_*.json")) + [engines / ORT_MANIFEST]
     for meta in metas:
         if meta.is_file():
-            return BatchProfile.parse(json.loads(meta.read_text())["batch_profile"])
+            try:
+                return BatchProfile.parse(json.loads(meta.read_text())["batch_profile"])
+            except (ValueError, KeyError, TypeError, UserError):
+                raise UserError(f"{meta} has no readable batch_profile; was it edited? "
+                                "`ptqd verify` checks the output, `ptqd build --force` rebuilds") from None
     raise UserError(f"{out} has no engines/: run `ptqd build {out}` first")
 
 
@@ -117,7 +124,7 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
         for cfg in configs:
             graph = graph_path(out / "onnx", cfg, "cpu-fast")
             _copy(graph, version / "onnx" / graph.name)
-    params = {"unets": "in-process" if mode == "in-process" else "bls", "batch": profile.max,
+    params = {"unets": "in-process" if mode == "in-process" else "bls", "batch": profile.max, "min_batch": profile.min,
               "max_images": max_images, "threads": threads}
     model_config.write_config(dest / SAMPLER, model_config.sampler(SAMPLER, schedule.sample_shape,
                                                                    instances, params))

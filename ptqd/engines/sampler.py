@@ -19,6 +19,24 @@ class UNetEngine(Protocol):
     def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray: ...
 
 
+class MinBatch:
+    """An engine whose profile starts above 1, made to take any smaller batch: the batch is
+    padded with copies of its last sample and the extra rows dropped (samples are independent,
+    so the real rows are unchanged)."""
+
+    def __init__(self, engine: UNetEngine, min_batch: int):
+        self.engine, self.min_batch = engine, min_batch
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        n = len(sample)
+        if n >= self.min_batch:
+            return self.engine(sample, timestep)
+        pad = self.min_batch - n
+        sample = np.concatenate([sample, np.repeat(sample[-1:], pad, axis=0)])
+        timestep = np.concatenate([timestep, np.repeat(timestep[-1:], pad, axis=0)])
+        return self.engine(sample, timestep)[:n]
+
+
 def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: SampleNoise,
             on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Run every step of the schedule on one batch; returns x_0 (unclipped, model scale).

@@ -12,7 +12,7 @@ def _pyplot():
     except ImportError:
         from ptqd.errors import UserError
 
-        raise UserError("the report's plots need matplotlib: pip install 'ptqd[report]' "
+        raise UserError("the report's plots need matplotlib, a ptqd dependency: reinstall ptqd "
                         "(or skip the report with --no-report)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -89,7 +89,10 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
     from ptqd.calibration.artifact import load_ptqd_json
     from ptqd.images import grid_array
 
+    from ptqd.model import resolve_model
+
     doc = load_ptqd_json(out / "calibration")
+    resolve_model(doc["model"])  # before minutes of sampling: ablation schedules fold from its scheduler
     scheduled = sorted({s["config"] for s in doc["steps"]})
     variants = variants_for(list(doc["configs"]))
     steps = len(doc["steps"])

@@ -69,13 +69,13 @@ def test_verify_notices_a_repository_older_than_its_graphs(exported_copy):
     assert "unet_w4a8.cpu.onnx: differs from onnx/unet_w4a8.cpu.onnx" in result.stdout
 
 
-def _fake_plans(out, configs):
+def _fake_plans(out, configs, profile="1,4,8"):
     """Stand-ins for TensorRT plans (none can be built here) with the metadata the engines
     stage writes beside real ones."""
     for cfg in configs:
         (out / "engines" / f"unet_{cfg}.plan").write_bytes(f"not a real plan {cfg}".encode())
         onnx = out / "onnx" / f"unet_{cfg}.onnx"
-        meta = {"source_onnx": onnx.name, "source_onnx_sha256": file_sha256(onnx), "batch_profile": "1,4,8",
+        meta = {"source_onnx": onnx.name, "source_onnx_sha256": file_sha256(onnx), "batch_profile": profile,
                 "tensorrt_version": "10.x", "configuration": cfg}
         (out / "engines" / f"unet_{cfg}.json").write_text(json.dumps(meta))
 
@@ -113,3 +113,36 @@ def test_deploy_tensorrt_without_plans_is_one_line(exported_copy):
 
 def test_deploy_does_not_overwrite_without_force(exported_copy):
     assert_user_error(run_cli("deploy", str(exported_copy)), "triton exists", "--force")
+
+
+def test_plans_with_a_minimum_batch_mock_tensorrt(exported_copy):
+    """A profile 2..8: Triton's TensorRT backend rejects a batch of 1, so the sampler is told
+    to pad (MinBatch) and the UNet models batch up to 8."""
+    configs = ["w4a8", "w8a8"]
+    _fake_plans(exported_copy, configs, profile="2,4,8")
+    assert run_cli("deploy", str(exported_copy), "--force").returncode == 0
+    models = _models(exported_copy / "triton")
+    assert models[SAMPLER].parameters["min_batch"].string_value == "2"
+    assert models[SAMPLER].parameters["batch"].string_value == "8"
+    assert all(models[f"unet_{c}"].max_batch_size == 8 for c in configs)
+
+
+def test_deploy_mistakes_are_one_line_and_leave_the_repository(exported_copy):
+    before = file_sha256(exported_copy / "triton" / SAMPLER / "config.pbtxt")
+    assert_user_error(run_cli("deploy", str(exported_copy), "--unets", "bogus"), "--unets 'bogus'")
+    (exported_copy / "onnx" / "unet_w8a8.cpu.onnx").unlink()
+    assert_user_error(run_cli("deploy", str(exported_copy), "--force"), "unet_w8a8.cpu.onnx is missing")
+    (exported_copy / "engines" / "onnxruntime.json").write_text("{not json")
+    assert_user_error(run_cli("deploy", str(exported_copy), "--force"), "onnxruntime.json has no readable batch_profile")
+    assert file_sha256(exported_copy / "triton" / SAMPLER / "config.pbtxt") == before
+    assert not list(exported_copy.glob(".triton*"))
+
+
+def test_client_mistakes_are_one_line(tmp_path):
+    out = str(tmp_path / "x.npy")
+    assert_user_error(run_cli("client", "--url", "127.0.0.1:99999", "--output", out), "host:port")
+    assert_user_error(run_cli("client", "--url", "http://127.0.0.1:8000", "--output", out), "without a scheme")
+    assert_user_error(run_cli("client", "--url", "127.0.0.1:1", "--output", out), "cannot reach a Triton server")
+    assert_user_error(run_cli("client", "--seed", str(2**64), "--output", out), "--seed")
+    assert_user_error(run_cli("client"), "nothing to write")
+    assert not (tmp_path / "x.npy").exists()

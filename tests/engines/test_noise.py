@@ -15,3 +15,4 @@ def test_sample_noise_does_not_depend_on_batching():
 def test_different_seeds_differ():
     a, b = SampleNoise(0, 0, 1, (8,)).initial(), SampleNoise(1, 0, 1, (8,)).initial()
     assert not np.array_equal(a, b)
+

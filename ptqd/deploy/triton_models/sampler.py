@@ -2,12 +2,13 @@
 
 Request: seed (INT64 [1]), num_images (INT32 [1]), optional first_index (INT64 [1]).
 Response: images (FP32 [num, C, H, W] in [0, 1]); image i of a seed is the same image that
-`ptqd sample OUT --seed S` writes at index i, whatever the batch or the request split.
+`ptqd sample OUT --backend onnxruntime --seed S` writes at index i (bit for bit with the
+in-process CPU-fast graphs), whatever the batch or the request split.
 
 Config parameters: `unets` is "bls" (each step calls the configuration's UNet model, a
 TensorRT plan or its onnxruntime stand-in, through Business Logic Scripting) or "in-process"
-(the CPU-fast ONNX graphs in 1/onnx run by onnxruntime inside this model); `batch` is the
-largest batch the UNets take; `max_images` bounds one request; `threads` sizes onnxruntime.
+(the CPU-fast ONNX graphs in 1/onnx run by onnxruntime inside this model); `batch` and
+`min_batch` are the largest and smallest batch the UNets take; `max_images` bounds one request; `threads` sizes onnxruntime.
 """
 import json
 import sys
@@ -15,12 +16,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # ptqd's runtime modules, copied beside this file
-sys.dont_write_bytecode = True  # the stub ignores PYTHON* variables; keep the repository clean
+sys.dont_write_bytecode = True  # for the runtime modules (the stub ignores PYTHON* variables)
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from ptqd.engines.sampler import generate  # noqa: E402
+from ptqd.engines.sampler import MinBatch, generate  # noqa: E402
 from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME  # noqa: E402
 from ptqd.exporter.schedule import FoldedSchedule  # noqa: E402
 
@@ -64,7 +65,9 @@ class TritonPythonModel:
         self.batch = int(params["batch"])
         self.max_images = int(params["max_images"])
         if params["unets"] == "bls":
-            self.engines = {cfg: BlsUNet(f"unet_{cfg}") for cfg in self.schedule.configs}
+            # a TensorRT profile may start above 1; Triton rejects smaller batches, so pad them
+            min_batch = int(params.get("min_batch", "1"))
+            self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}"), min_batch) for cfg in self.schedule.configs}
         else:
             from ptqd.engines.onnxruntime import OnnxRuntimeUNet
             from ptqd.exporter.graph_files import graph_path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # ptqd's runtime modules, copied beside this file
-sys.dont_write_bytecode = True  # the stub ignores PYTHON* variables; keep the repository clean
+sys.dont_write_bytecode = True  # for the runtime modules (the stub ignores PYTHON* variables)
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
