@@ -62,6 +62,14 @@ def bench_mode(out: Path, mode: str, instances: int, args, reference) -> dict:
                 answers, seconds = timed(lambda: list(pool.map(ask, range(args.concurrent))))
             wrong = sum(not np.array_equal(a, reference(2, 1000 + i)) for i, a in enumerate(answers))
             row.update(concurrent_s=seconds, answered=len(answers), wrong=wrong)
+            if mode != "in-process":  # did concurrent samplers' UNet calls meet in the dynamic batcher?
+                import tritonclient.http as http
+
+                stats = http.InferenceServerClient(server.http_url).get_inference_statistics()["model_stats"]
+                for model in (m for m in stats if m["name"].startswith("unet_")):
+                    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in model["batch_stats"]}
+                    print(f"  {model['name']}: {model['inference_count']} UNet inferences in "
+                          f"{model['execution_count']} executions, by batch size {dict(sorted(sizes.items()))}")
     return row
 
 
@@ -80,7 +88,7 @@ def main() -> None:
     print(f"{args.out}: {steps} steps, batch {batch}; local sampler, {args.num} images: {local_s:.3f} s")
     print(f"{'UNets':<12}{'inst':>5}{'start s':>9}{'http s':>9}{'grpc s':>9}"
           f"{f'{args.concurrent}x2 img s':>14}{'answered':>10}{'wrong':>7}")
-    for mode, instances in (("in-process", 1), ("in-process", 2), ("onnxruntime", 2)):
+    for mode, instances in (("in-process", 1), ("in-process", 2), ("onnxruntime", 2), ("onnxruntime", 4)):
         row = bench_mode(args.out, mode, instances, args, reference)
         print(f"{row['mode']:<12}{row['instances']:>5}{row['start_s']:>9.2f}{row['http_s']:>9.3f}"
               f"{row['grpc_s']:>9.3f}{row['concurrent_s']:>14.2f}{row['answered']:>10}{row['wrong']:>7}")

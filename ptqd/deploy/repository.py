@@ -32,7 +32,7 @@ UNET_MODES = ("auto", "tensorrt", "onnxruntime", "in-process")
 DEFAULT_MAX_IMAGES = 256
 # Two sampler instances: a second request is served while the first runs, and in TensorRT
 # mode their UNet calls meet in the dynamic batcher. Measured on 2 CPU cores, 32 concurrent
-# 2-image requests: 7.3 s with one instance, 2.2 s with two (benchmarks/triton_serving.py).
+# 2-image requests: 6.4-7.3 s with one instance, 2.2-2.5 s with two (two runs of benchmarks/triton_serving.py).
 DEFAULT_INSTANCES = 2
 # What the Python-backend models import from ptqd: numpy-only modules (no torch, no click).
 RUNTIME_MODULES = ("__init__.py", "errors.py", "engines/__init__.py", "engines/noise.py",
