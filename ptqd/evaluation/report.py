@@ -83,24 +83,22 @@ def _triton(out: Path) -> str:
     return f"triton/ptqd_sampler with UNets {unets}"
 
 
-def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
+def _sample_all(out: Path, doc: dict, num: int, seed: int) -> list:
     from tqdm import tqdm
 
-    from ptqd.calibration.artifact import load_ptqd_json
-    from ptqd.images import grid_array
-
-    from ptqd.model import resolve_model
-
-    doc = load_ptqd_json(out / "calibration")
-    resolve_model(doc["model"])  # before minutes of sampling: ablation schedules fold from its scheduler
-    scheduled = sorted({s["config"] for s in doc["steps"]})
     variants = variants_for(list(doc["configs"]))
-    steps = len(doc["steps"])
-    with tqdm(total=len(variants) * num * steps, unit="img-step", disable=None, desc="report", leave=False) as bar:
+    total = len(variants) * num * len(doc["steps"])
+    with tqdm(total=total, unit="img-step", disable=None, desc="report", leave=False) as bar:
         for v in variants:
             sample_variant(out, v, num, seed, on_progress=bar.update)
+    return variants
+
+
+def _variant_rows(variants: list, num: int, features, reference) -> dict:
+    """Per variant: error to the same-seed FP32 sample, distribution metric, sampling time."""
+    from ptqd.evaluation.metrics import frechet_distance
+
     fp = variants[0]
-    dist_name, features, reference = _distribution(doc)
     rows = {}
     for v in variants:
         row = {"precision": v.precision, "ptqd_correction": v.correction, "sampling_seconds": round(v.seconds, 3),
@@ -108,47 +106,67 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
         if v is not fp:
             row.update(per_sample_error(v.images, fp.images))
         if features is not None:
-            from ptqd.evaluation.metrics import frechet_distance
-
             row["frechet_distance"] = frechet_distance(features(v.images), reference)
         rows[v.name] = row
-    errors = {v.name: step_errors(v, fp) for v in variants if v.precision == "mixed"}
-    per_config = _per_config_steps(doc)
-    schedule_steps = [{"index": s["index"], "timestep": s["timestep"], "config": s["config"], "k": s["k"],
-                       "bias_abs": float(np.mean(np.abs(s["bias"]))), "sigma_q": s["sigma_q"],
-                       "correction": s["correction"],
-                       "snr_before_db": per_config[s["config"]][i]["snr_before_db"],
-                       "snr_after_db": per_config[s["config"]][i]["snr_after_db"],
-                       **{f"latent_mse_{name}": errors[name][i] for name in errors}}
-                      for i, s in enumerate(doc["steps"])]
+    return rows
+
+
+def _schedule_steps(doc: dict, per_config: dict, errors: dict[str, list[float]]) -> list[dict]:
+    """The deployed schedule step by step: what ran, its noise statistics, the latent drift."""
+    rows = []
+    for i, s in enumerate(doc["steps"]):
+        stats = per_config[s["config"]][i]
+        rows.append({"index": s["index"], "timestep": s["timestep"], "config": s["config"], "k": s["k"],
+                     "bias_abs": float(np.mean(np.abs(s["bias"]))), "sigma_q": s["sigma_q"],
+                     "correction": s["correction"], "snr_before_db": stats["snr_before_db"],
+                     "snr_after_db": stats["snr_after_db"],
+                     **{f"latent_mse_{name}": errors[name][i] for name in errors}})
+    return rows
+
+
+def _bops(doc: dict) -> dict:
     mp = doc["mixed_precision"]
+    return {"fp32_per_step": doc["fp32_bops_per_step"],
+            "per_step": {c: d["bops_per_step"] for c, d in doc["configs"].items()},
+            "schedule_total": mp["bops_total"], "fp32_total": mp["fp32_bops_total"],
+            "saving_vs_fp32": mp["saving_vs_fp32"], "policy": mp["policy"], "counts": mp["counts"]}
+
+
+def _figures(doc: dict, variants: list, steps: list[dict], per_config: dict, errors: dict) -> dict[str, bytes]:
+    from ptqd.images import grid_array
+
+    by_name = {v.name: v for v in variants}
+    grids = {title: grid_array(by_name[key].images[:GRID_SAMPLES])
+             for title, key in (("FP32", "fp32"), ("mixed, naive", "mixed"), ("mixed, PTQD", "mixed+ptqd"))}
+    return {"noise_statistics": plots.noise_statistics(steps, per_config), "snr": plots.snr(per_config),
+            "schedule": plots.schedule(steps, sorted(doc["configs"])), "step_error": plots.step_error(errors),
+            "samples": plots.sample_grids(grids)}
+
+
+def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
+    from ptqd.calibration.artifact import load_ptqd_json
+    from ptqd.model import resolve_model
+
+    doc = load_ptqd_json(out / "calibration")
+    resolve_model(doc["model"])  # before minutes of sampling: ablation schedules fold from its scheduler
+    variants = _sample_all(out, doc, num, seed)
+    dist_name, features, reference = _distribution(doc)
+    rows = _variant_rows(variants, num, features, reference)
+    errors = {v.name: step_errors(v, variants[0]) for v in variants if v.precision == "mixed"}
+    per_config = _per_config_steps(doc)
+    steps = _schedule_steps(doc, per_config, errors)
     metrics = {
         "format_version": 1, "model": doc["model"], "model_sha256": doc["model_sha256"],
-        "num_inference_steps": steps, "eta": doc["eta"], "samples": num, "seed": seed,
+        "num_inference_steps": len(doc["steps"]), "eta": doc["eta"], "samples": num, "seed": seed,
         "distribution_metric": dist_name or reference,
-        "variants": rows,
-        "steps": schedule_steps,
-        "per_config_steps": per_config,
-        "bops": {"fp32_per_step": doc["fp32_bops_per_step"],
-                 "per_step": {c: d["bops_per_step"] for c, d in doc["configs"].items()},
-                 "schedule_total": mp["bops_total"], "fp32_total": mp["fp32_bops_total"],
-                 "saving_vs_fp32": mp["saving_vs_fp32"], "policy": mp["policy"], "counts": mp["counts"]},
-        "sizes": _sizes(out, doc, scheduled),
+        "variants": rows, "steps": steps, "per_config_steps": per_config, "bops": _bops(doc),
+        "sizes": _sizes(out, doc, sorted({s["config"] for s in doc["steps"]})),
         "timings": {"calibration_seconds": doc["calibration_seconds"],
                     "sampling_seconds": {n: r["sampling_seconds"] for n, r in rows.items()}},
         "engines": _engines(out), "triton": _triton(out),
     }
     metrics["headline"] = headline(metrics)
-    images = {
-        "noise_statistics": plots.noise_statistics(schedule_steps, per_config),
-        "snr": plots.snr(per_config),
-        "schedule": plots.schedule(schedule_steps, sorted(doc["configs"])),
-        "step_error": plots.step_error(errors),
-        "samples": plots.sample_grids({name: grid_array(next(v for v in variants if v.name == key).images[:GRID_SAMPLES])
-                                       for name, key in (("FP32", "fp32"), ("mixed, naive", "mixed"),
-                                                         ("mixed, PTQD", "mixed+ptqd"))}),
-    }
-    return metrics, images
+    return metrics, _figures(doc, variants, steps, per_config, errors)
 
 
 def headline(metrics: dict) -> dict:
