@@ -73,6 +73,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def is_artifact(rel: Path) -> bool:
+    """Whether a file under OUT (path relative to OUT) is one of its artifacts: not a hidden
+    file (staging and atomic-write leftovers) nor a Python cache (Triton's Python backend
+    writes one beside each model.py it imports from OUT/triton)."""
+    return not any(part.startswith(".") or part == "__pycache__" for part in rel.parts)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link where the filesystem allows (graphs and plans can be large), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -106,7 +121,7 @@ def write_manifest(root: Path, config: dict, model_sha256: str, stages: list[str
     size; stage_records are export-trt's digests for resuming (ptqd.resume)."""
     artifacts = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and "__pycache__" not in p.relative_to(root).parts):
+                       and is_artifact(p.relative_to(root))):
         artifacts.append({"path": path.relative_to(root).as_posix(),
                           "sha256": file_sha256(path), "bytes": path.stat().st_size})
     doc = {"format_version": 1, "config": config, "model_sha256": model_sha256,

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from ptqd.output import file_sha256, read_manifest
+from ptqd.output import file_sha256, is_artifact, link_or_copy, read_manifest
 
 STAGE_DIRS = {"calibrate": ("calibration",), "export": ("onnx", "scheduler"),
               "engines": ("engines",), "deploy": ("triton",), "report": ("report",)}
@@ -39,7 +38,7 @@ def tree_digest(root: Path, dirs: tuple[str, ...]) -> str:
         files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
         for path in files:
             rel = path.relative_to(root)
-            if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            if not is_artifact(rel):
                 continue
             digest.update(f"{rel.as_posix()}\0{_file_digest(path)}\n".encode())
     return digest.hexdigest()
@@ -50,13 +49,7 @@ def inputs_digest(parts: dict) -> str:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 class StageLedger:

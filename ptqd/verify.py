@@ -12,7 +12,7 @@ from pathlib import Path
 from ptqd.engines.stage import ORT_MANIFEST
 from ptqd.errors import UserError
 from ptqd.exporter.graph_files import GRAPH_FILES, graph_path
-from ptqd.output import MANIFEST, file_sha256
+from ptqd.output import MANIFEST, file_sha256, is_artifact
 
 
 def check_artifacts(out: Path, manifest: dict) -> list[str]:
@@ -29,10 +29,7 @@ def check_artifacts(out: Path, manifest: dict) -> list[str]:
             problems.append(f"{entry['path']}: sha256 differs from the manifest (the file was changed)")
     for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(out).as_posix()
-        # hidden files are staging leftovers' business; __pycache__ is what Triton's Python
-        # backend writes beside the model.py files it imports from triton/
-        parts = path.relative_to(out).parts
-        if rel not in listed and not any(p.startswith(".") or p == "__pycache__" for p in parts):
+        if rel not in listed and is_artifact(path.relative_to(out)):
             problems.append(f"{rel}: not in the manifest")
     return problems
 

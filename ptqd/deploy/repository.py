@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ptqd.engines.profiles import BatchProfile
 from ptqd.errors import UserError
 from ptqd.exporter.graph_files import graph_path
 from ptqd.exporter.schedule import SCHEDULE_FILE, FoldedSchedule
+from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
 
 SAMPLER = "ptqd_sampler"
@@ -45,15 +45,11 @@ def unet_model_name(cfg: str) -> str:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """Hard-link where possible (graphs and plans can be large), else copy."""
     if not src.is_file():
         raise UserError(f"{src} is missing: run `ptqd export` / `ptqd build` on the output again "
                         "(`ptqd verify` lists what else is wrong)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    link_or_copy(src, dst)
 
 
 def _copy_runtime(version_dir: Path, model_file: str) -> None:
