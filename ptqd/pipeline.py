@@ -108,16 +108,17 @@ def _config_dict(req: CalibrationRequest) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
 
 
-def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str,
+def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str | None = None,
                     stage_records: dict | None = None) -> None:
-    """Merge into root's manifest. A stage run alone (stage_records None) keeps export-trt's
-    resume records: each also holds its stage's output digest, so a stage whose files the
-    lone run changed, and every stage after it, no longer matches and is redone."""
+    """Merge into root's manifest; model_sha256 None keeps the recorded one. A stage run alone
+    (stage_records None) keeps export-trt's resume records: each also holds its stage's
+    output digest, so a stage whose files the lone run changed, and every stage after it,
+    no longer matches and is redone."""
     previous = read_manifest(root)
     done = [s for s in previous.get("stages", []) if s not in stages] + stages
     records = stage_records if stage_records is not None else previous.get("stage_records", {})
-    write_manifest(root, {**previous.get("config", {}), **config}, model_sha256, done,
-                   stage_records=records)
+    sha = model_sha256 if model_sha256 is not None else previous.get("model_sha256", "")
+    write_manifest(root, {**previous.get("config", {}), **config}, sha, done, stage_records=records)
 
 
 PIPELINE = ("calibrate", "export", "engines", "deploy", "report")
@@ -276,8 +277,7 @@ def run_build_stage(out: Path, backend: str, batch: str, force: bool) -> None:
         raise UserError(f"{out / ENGINES_DIR} exists; pass --force to rebuild")
     with staged_directory(out / ENGINES_DIR) as staging:
         built = stage_engines(out, backend, settings, engines_dir=staging)
-    sha = read_manifest(out).get("model_sha256", "")
-    update_manifest(out, [f"engines-{built}"], {"backend": backend, "batch": batch}, sha)
+    update_manifest(out, [f"engines-{built}"], {"backend": backend, "batch": batch})
     click.echo(f"wrote {out / ENGINES_DIR}")
 
 
@@ -293,8 +293,7 @@ def run_deploy_stage(out: Path, unets: str, instances: int, force: bool) -> None
         raise UserError(f"{out / TRITON_DIR} exists; pass --force to write it again")
     with staged_directory(out / TRITON_DIR) as staging:
         stage_deploy(out, unets, instances, dest=staging)
-    sha = read_manifest(out).get("model_sha256", "")
-    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances}, sha)
+    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances})
     click.echo(f"wrote {out / TRITON_DIR}")
 
 
@@ -308,6 +307,5 @@ def run_report_stage(out: Path, samples: int, seed: int, force: bool) -> None:
         raise UserError(f"{out / REPORT_DIR} exists; pass --force to write it again")
     with staged_directory(out / REPORT_DIR) as staging:
         metrics = write_report(out, staging, samples, seed)
-    sha = read_manifest(out).get("model_sha256", "")
-    update_manifest(out, ["report"], {}, sha)
+    update_manifest(out, ["report"], {})
     print_headline(metrics, out / REPORT_DIR / "report.html")
