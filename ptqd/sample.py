@@ -162,15 +162,13 @@ def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
 def _engine_batch_size(req: SampleRequest) -> int:
     """Engines are built for a batch range (--batch at build time): by default sample in
     batches of its maximum; refuse an explicit --batch-size they cannot run."""
-    import json
-
-    from ptqd.engines.stage import ORT_MANIFEST
+    from ptqd.engines.profiles import recorded_profile
     from ptqd.pipeline import ENGINES_DIR
 
-    meta = req.out / ENGINES_DIR / ORT_MANIFEST
-    if not meta.is_file():
+    profile = recorded_profile(req.out / ENGINES_DIR)
+    if profile is None:
         return req.batch_size or DEFAULT_BATCH
-    lo, _, hi = (int(v) for v in json.loads(meta.read_text())["batch_profile"].split(","))
+    lo, hi = profile.min, profile.max
     if req.batch_size is None:
         return hi
     if not lo <= min(req.batch_size, req.num) <= hi:

@@ -13,14 +13,13 @@ The repository carries everything it runs, so it can be copied into the Triton i
 """
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
 
 import click
 
-from ptqd.engines.profiles import BatchProfile
+from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
 from ptqd.exporter.graph_files import graph_path
 from ptqd.exporter.schedule import SCHEDULE_FILE, FoldedSchedule
@@ -63,19 +62,11 @@ def _copy_runtime(version_dir: Path, model_file: str) -> None:
 
 
 def engine_profile(out: Path) -> BatchProfile:
-    """The batch range the engines were built for: plan metadata, else engines/onnxruntime.json."""
-    from ptqd.engines.stage import ORT_MANIFEST
-
-    engines = out / "engines"
-    metas = sorted(engines.glob("unet_*.json")) + [engines / ORT_MANIFEST]
-    for meta in metas:
-        if meta.is_file():
-            try:
-                return BatchProfile.parse(json.loads(meta.read_text())["batch_profile"])
-            except (ValueError, KeyError, TypeError, UserError):
-                raise UserError(f"{meta} has no readable batch_profile; was it edited? "
-                                "`ptqd verify` checks the output, `ptqd build --force` rebuilds") from None
-    raise UserError(f"{out} has no engines/: run `ptqd build {out}` first")
+    """The batch range the engines were built for; the repository's UNets batch within it."""
+    profile = recorded_profile(out / "engines")
+    if profile is None:
+        raise UserError(f"{out} has no engines/: run `ptqd build {out}` first")
+    return profile
 
 
 def _plans(out: Path, configs: list[str]) -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """Optimization profiles: which batch sizes (and the model's resolution) an engine serves."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ptqd.errors import UserError
 
@@ -29,6 +31,22 @@ class BatchProfile:
 
     def contains(self, batch: int) -> bool:
         return self.min <= batch <= self.max
+
+
+def recorded_profile(engines_dir: Path) -> BatchProfile | None:
+    """The batch range OUT/engines was built for (plan metadata, else onnxruntime.json), or
+    None where no engines were built."""
+    from ptqd.engines.stage import ORT_MANIFEST
+
+    metas = sorted(engines_dir.glob("unet_*.json")) + [engines_dir / ORT_MANIFEST]
+    for meta in metas:
+        if meta.is_file():
+            try:
+                return BatchProfile.parse(json.loads(meta.read_text())["batch_profile"])
+            except (ValueError, KeyError, TypeError, UserError):
+                raise UserError(f"{meta} has no readable batch_profile; was it edited? "
+                                "`ptqd verify` checks the output, `ptqd build --force` rebuilds") from None
+    return None
 
 
 def input_shapes(sample_shape: list[int], profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
