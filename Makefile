@@ -7,7 +7,8 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ptqd-installed
 # The CPU Triton server (nvidia-pytriton's bundled tritonserver) runs from its own environment:
-# its Python backend answers empty responses under NumPy 2, and it needs only numpy+onnxruntime.
+# its Python backend answers empty responses under NumPy 2, and it needs only numpy, onnxruntime
+# and (for text-conditioned models' prompts) the tokenizers library.
 TRITON_ENV ?= .venv-triton
 TRITON_STAMP := $(TRITON_ENV)/.ptqd-installed
 PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
@@ -29,11 +30,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/export-trt --bits 4 --steps 50 --output ptqd-out --force
 
-# onnxruntime pinned to the version ptqd itself runs, so server and local samples are bit-identical.
+# onnxruntime and tokenizers pinned to the versions ptqd itself runs, so server and local samples
+# are bit-identical.
 $(TRITON_STAMP): $(STAMP)
 	test -x $(TRITON_ENV)/bin/python || $(PYTHON) -m venv $(TRITON_ENV)
 	$(TRITON_ENV)/bin/python -m pip install -q --disable-pip-version-check "numpy<2" "$(PYTRITON_SPEC)" \
-		"onnxruntime==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("onnxruntime"))')"
+		"onnxruntime==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("onnxruntime"))')" \
+		"tokenizers==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("tokenizers"))')"
 	touch $@
 
 test: install triton-env

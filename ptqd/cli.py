@@ -44,6 +44,23 @@ def _seed_option(f):
                         help="Seed; sample i of seed S is the same whatever backend or precision.")(f)
 
 
+def _condition_options(f):
+    f = click.option("--class", "classes", default=None,
+                     help="Class-conditional models: class labels, comma-separated; image j gets label j % count "
+                          "[default: the calibrated classes].")(f)
+    return click.option("--prompt", "prompts", multiple=True,
+                        help="Text models: a prompt (repeat for several; image j gets prompt j % count) "
+                             "[default: the calibration prompts].")(f)
+
+
+def _conditions(prompts: tuple[str, ...], classes: str | None) -> tuple:
+    from ptqd.conditions import parse_classes
+
+    if prompts and classes:
+        raise UserError("--prompt and --class exclude each other (text or class-conditional model)")
+    return tuple(prompts) or parse_classes(classes, "--class")
+
+
 def _force_option(f):
     return click.option("--force", is_flag=True, help="Replace existing results.")(f)
 
@@ -76,16 +93,17 @@ def cli(debug: bool) -> None:
               help="With OUT and onnxruntime: the CPU-fast graphs, or the exact twins of fake-quant.")
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
+@_condition_options
 @_force_option
 def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, npy,
-           grid, force):
+           grid, prompts, classes, force):
     """Sample images: the full-precision --model, or (with OUT) an exported output."""
     from ptqd.sample import SampleRequest, run_sample
 
     run_sample(SampleRequest(out=out, model=model, num=num, seed=seed, steps=steps, eta=eta,
                              batch_size=batch_size, backend=backend, npy=npy, grid=grid,
                              force=force, precision=precision.lower(), correction=not no_correction,
-                             graph=graph))
+                             graph=graph, conditions=_conditions(prompts, classes)))
 
 
 def _calibration_options(f):
@@ -105,6 +123,13 @@ def _calibration_options(f):
                      help="Extra configurations to calibrate, comma-separated (e.g. w4a4,w8a4)."),
         click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
                      help="Layers kept in float (comma-separated glob patterns of module names)."),
+        click.option("--guidance-scale", type=float, default=None,
+                     help="Conditional models: the classifier-free guidance scale calibrated and deployed "
+                          "[default: 7.5 for text, 3 for class-conditional models]."),
+        click.option("--prompts", type=click.Path(path_type=Path), default=None,
+                     help="Text models: a file of calibration prompts, one per line [default: 16 built in]."),
+        click.option("--classes", default=None,
+                     help="Class-conditional models: calibration class labels, comma-separated [default: all]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -114,12 +139,18 @@ def _calibration_options(f):
 def _calibration_request(kw: dict) -> "CalibrationRequest":
     from ptqd.calibration.stage import CalibrationRequest
 
+    from ptqd.conditions import parse_classes, read_prompt_file
+
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())
+    if kw["prompts"] is not None and kw["classes"] is not None:
+        raise UserError("--prompts and --classes exclude each other (text or class-conditional model)")
+    conditions = read_prompt_file(kw["prompts"]) if kw["prompts"] is not None else parse_classes(kw["classes"])
     return CalibrationRequest(
         model=kw["model"], bits=kw["bits"], act_bits=kw["act_bits"], steps=kw["steps"],
         eta=kw["eta"], seed=kw["seed"], calib_samples=kw["calib_samples"],
         mixed_precision=kw["mixed_precision"], correction=kw["correction"],
-        extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]))
+        extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]),
+        guidance_scale=kw["guidance_scale"], conditions=conditions)
 
 
 @cli.command()
@@ -214,8 +245,9 @@ def serve(repository, triton_env, http_port, grpc_port):
               help="Index of the first image of the seed (images are numbered as in `ptqd sample`).")
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
+@_condition_options
 @_force_option
-def client(url, protocol, num, seed, first_index, npy, grid, force):
+def client(url, protocol, num, seed, first_index, npy, grid, prompts, classes, force):
     """Ask a Triton server running OUT/triton for images."""
     import time
 
@@ -230,7 +262,10 @@ def client(url, protocol, num, seed, first_index, npy, grid, force):
         if path is not None:
             check_output_file(path, force)
     started = time.perf_counter()
-    images = request_images(url, num, seed, first_index, protocol)
+    conditions = _conditions(prompts, classes)
+    images = request_images(url, num, seed, first_index, protocol,
+                            prompts=tuple(c for c in conditions if isinstance(c, str)),
+                            classes=tuple(c for c in conditions if isinstance(c, int)))
     click.echo(f"{num} images from {url} ({protocol}) in {time.perf_counter() - started:.2f} s")
     write_images(images, npy, grid)
     for path in (npy, grid):

@@ -1,14 +1,20 @@
 """Find and load the diffusion model that `--model` names.
 
 Accepted: the name of a built-in model, a diffusers pipeline folder (model_index.json with
-unet/ and scheduler/), or one folder holding a UNet config, its weights and a scheduler
-config. Everything else is a UserError in one sentence.
+unet/ and scheduler/, and for latent or text-conditioned models vae/, text_encoder/ and
+tokenizer/, as Stable Diffusion folders have them), or one folder holding a UNet config, its
+weights and a scheduler config. Everything else is a UserError in one sentence.
+
+Conditioning, read from the configs: a UNet2DModel with class embeddings is class-conditional
+(the last embedding, or model_index.json's "null_class", is the unconditional class of
+classifier-free guidance, LDM's convention); a UNet2DConditionModel is text-conditioned
+through its pipeline's CLIP text encoder and tokenizer.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqd.errors import UserError
@@ -17,7 +23,8 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits-ddpm"}
 DEFAULT_MODEL = "digits"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SUPPORTED_UNETS = ("UNet2DModel",)
+SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
+COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,9 @@ class ModelSource:
     weights: Path
     sha256: str
     builtin: bool
+    unet_class: str = "UNet2DModel"
+    components: dict = field(default_factory=dict)   # vae / text_encoder / tokenizer -> folder
+    model_index: dict = field(default_factory=dict)
 
     @property
     def extras_dir(self) -> Path | None:
@@ -60,10 +70,23 @@ def _pipeline_source(spec: str, folder: Path, builtin: bool) -> ModelSource:
     if not (unet_dir / "config.json").is_file() or not (sched_dir / "scheduler_config.json").is_file():
         raise UserError(f"--model {spec!r} has model_index.json but lacks unet/config.json or "
                         "scheduler/scheduler_config.json")
-    return _source(spec, unet_dir, sched_dir, builtin)
+    index = _read_json(folder / "model_index.json", spec)
+    if not isinstance(index, dict):
+        raise UserError(f"--model {spec!r}: model_index.json is not a JSON object")
+    if isinstance(index.get("vqvae"), list) and index["vqvae"][0] is not None:
+        raise UserError(f"--model {spec!r}: VQ-VAE latent models (vqvae/) are not supported (AutoencoderKL vae/ is)")
+    components = {name: folder / name for name in COMPONENTS if isinstance(index.get(name), list)
+                  and index[name] and index[name][0] is not None and (folder / name).is_dir()}
+    return _source(spec, unet_dir, sched_dir, builtin, components, index)
 
 
-def _source(spec: str, unet_dir: Path, sched_dir: Path, builtin: bool) -> ModelSource:
+def _component_files(folder: Path) -> list[Path]:
+    """A component's configs, weights and tokenizer files (its top level, not hidden)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
+def _source(spec: str, unet_dir: Path, sched_dir: Path, builtin: bool, components: dict | None = None,
+            index: dict | None = None) -> ModelSource:
     weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).is_file()), None)
     if weights is None:
         raise UserError(f"--model {spec!r}: no UNet weights in {unet_dir} (expected one of "
@@ -73,8 +96,18 @@ def _source(spec: str, unet_dir: Path, sched_dir: Path, builtin: bool) -> ModelS
     if cls not in SUPPORTED_UNETS:
         raise UserError(f"--model {spec!r}: UNet class {cls} is not supported "
                         f"(supported: {', '.join(SUPPORTED_UNETS)})")
+    components = components or {}
+    if cls == "UNet2DConditionModel" and not {"text_encoder", "tokenizer"} <= set(components):
+        raise UserError(f"--model {spec!r}: a UNet2DConditionModel needs its pipeline's text_encoder/ "
+                        "and tokenizer/ (give the whole Stable Diffusion folder)")
     files = [unet_dir / "config.json", weights, sched_dir / "scheduler_config.json"]
-    return ModelSource(spec, unet_dir, sched_dir, weights, _hash_files(files), builtin)
+    for name in sorted(components):
+        files += _component_files(components[name])
+    if index and (components or config.get("num_class_embeds")):
+        # a conditional pipeline's model_index.json says which parts load and its null class
+        files.append(unet_dir.parent / "model_index.json")
+    return ModelSource(spec, unet_dir, sched_dir, weights, _hash_files(files), builtin, cls, components,
+                       index or {})
 
 
 def _read_json(path: Path, spec: str) -> dict:
@@ -94,18 +127,89 @@ def _hash_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _load(source: ModelSource, what: str, folder: Path, load):
+    try:
+        model = load(str(folder))
+    except Exception as exc:  # diffusers/transformers/safetensors raise many types for a damaged file
+        where = f"UNet weights from {source.weights}" if what == "UNet" else f"the {what} from {folder}"
+        raise UserError(f"--model {source.spec!r}: cannot load {where} "
+                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
+    return model.float().eval().requires_grad_(False) if hasattr(model, "eval") else model
+
+
 def load_unet(source: ModelSource):
     """The UNet in eval mode, float32, on the CPU."""
-    from diffusers import UNet2DModel
+    import diffusers
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
+    cls = getattr(diffusers, source.unet_class)
+    unet = _load(source, "UNet", source.unet_dir, lambda d: cls.from_pretrained(d, low_cpu_mem_usage=False))
+    _check_conditioning(source, unet.config)
+    return unet
+
+
+def _check_conditioning(source: ModelSource, cfg) -> None:
+    """Refuse the UNet variants whose extra inputs ptqd does not produce."""
+    unsupported = []
+    if source.unet_class == "UNet2DConditionModel":
+        unsupported = [k for k in ("class_embed_type", "num_class_embeds", "addition_embed_type")
+                       if cfg.get(k) is not None]
+    elif cfg.get("class_embed_type") is not None:
+        unsupported = ["class_embed_type"]
+    if unsupported:
+        raise UserError(f"--model {source.spec!r}: UNet option {unsupported[0]}={cfg.get(unsupported[0])!r} "
+                        "is not supported (supported: class labels on UNet2DModel via num_class_embeds, "
+                        "text via UNet2DConditionModel)")
+
+
+def conditioning_kind(source: ModelSource, unet_config) -> str:
+    if source.unet_class == "UNet2DConditionModel":
+        return "text"
+    return "class" if unet_config.get("num_class_embeds") else "unconditional"
+
+
+def class_labels(source: ModelSource, unet_config) -> tuple[int, int]:
+    """(number of real classes, the null class): guidance's unconditional label is
+    model_index.json's "null_class", or the last class embedding; the real classes are
+    "num_classes" there, or every label below the null class."""
+    embeds = int(unet_config["num_class_embeds"])
     try:
-        unet = UNet2DModel.from_pretrained(str(source.unet_dir), low_cpu_mem_usage=False)
-    except Exception as exc:  # diffusers/safetensors raise many types for a damaged file
-        raise UserError(f"--model {source.spec!r}: cannot load UNet weights from "
-                        f"{source.weights} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    return unet.float().eval().requires_grad_(False)
+        null = int(source.model_index.get("null_class", embeds - 1))
+        count = int(source.model_index.get("num_classes", null))
+    except (TypeError, ValueError):
+        raise UserError(f"--model {source.spec!r}: model_index.json's null_class/num_classes are not integers") from None
+    if not 0 <= null < embeds or not 1 <= count <= embeds or null < count:
+        raise UserError(f"--model {source.spec!r}: null class {null} with {count} classes does not fit the "
+                        f"UNet's {embeds} class embeddings (the null class must follow the real classes)")
+    return count, null
+
+
+def load_vae(source: ModelSource):
+    """The pipeline's AutoencoderKL (None for a pixel-space model)."""
+    if "vae" not in source.components:
+        return None
+    from diffusers import AutoencoderKL
+
+    return _load(source, "VAE", source.components["vae"],
+                 lambda d: AutoencoderKL.from_pretrained(d, low_cpu_mem_usage=False))
+
+
+def load_text_parts(source: ModelSource):
+    """(tokenizer, text encoder) of a text-conditioned pipeline, or (None, None)."""
+    if "text_encoder" not in source.components:
+        return None, None
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as tlogging
+    except ImportError:
+        raise UserError("text-conditioned models need transformers, a ptqd dependency: reinstall "
+                        "ptqd (make install)") from None
+    tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()  # transformers 5 shows a "Loading weights" bar per model
+    tokenizer = _load(source, "tokenizer", source.components["tokenizer"], CLIPTokenizer.from_pretrained)
+    encoder = _load(source, "text encoder", source.components["text_encoder"], CLIPTextModel.from_pretrained)
+    return tokenizer, encoder
 
 
 def load_scheduler_config(source: ModelSource) -> dict:

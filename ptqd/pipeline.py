@@ -56,24 +56,27 @@ class LoadedModel:
     source: object
     unet: object
     scheduler_config: dict
+    vae: object = None            # latent models: the AutoencoderKL whose decoder makes the image
+    tokenizer: object = None      # text-conditioned models
+    text_encoder: object = None
 
 
 def load_model(spec: str, steps: int) -> LoadedModel:
     """Resolve, check and load --model; `steps` is checked against its training timesteps."""
-    from ptqd.model import load_scheduler_config, load_unet, resolve_model
+    from ptqd.model import load_scheduler_config, load_text_parts, load_unet, load_vae, resolve_model
 
     source = resolve_model(spec)
     sched_cfg = load_scheduler_config(source)
     train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if steps > train_steps:
         raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
-    return LoadedModel(source, load_unet(source), sched_cfg)
+    return LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))
 
 
 def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -> dict:
     from ptqd.calibration.stage import run_calibration
 
-    return run_calibration(req, model.source, model.unet, model.scheduler_config, folder)
+    return run_calibration(req, model, folder)
 
 
 def stage_export(calibration_dir: Path, root: Path, model: LoadedModel) -> None:
@@ -136,7 +139,11 @@ def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) 
 
     parts: dict = {"stage": stage, "ptqd": __version__}
     if stage == "calibrate":
-        parts.update(model=model_sha256, request=_config_dict(req.calibration))
+        # conditioning options at their defaults are left out: outputs made before they existed
+        # (unconditional models) keep their digest
+        request = {k: v for k, v in _config_dict(req.calibration).items()
+                   if not (k in ("guidance_scale", "conditions") and v in (None, []))}
+        parts.update(model=model_sha256, request=request)
     elif stage == "export":
         parts.update(calibration=tree_digest(root, (CALIBRATION_DIR,)))
     elif stage == "engines":

@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ptqd.engines.conditioning import runtime_conditioner
+from ptqd.engines.sampler import MinBatch, Sampler
 from ptqd.errors import UserError
+from ptqd.exporter.graph_files import TOKENIZER_DIR
 from ptqd.output import atomic_write_bytes, check_output_file
 
 DEFAULT_STEPS = 50
@@ -33,6 +36,7 @@ class SampleRequest:
     precision: str = "mixed"
     correction: bool = True
     graph: str = "fast"   # onnxruntime: the CPU-fast graph, or the exact twin of fake-quant
+    conditions: tuple = ()  # conditional models: prompts or class labels (image j uses item j % len)
 
 
 def run_sample(req: SampleRequest) -> np.ndarray:
@@ -57,14 +61,23 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
     from ptqd.model import DEFAULT_MODEL
     from ptqd.pipeline import load_model
 
+    from ptqd.conditions import pipeline_spec, vae_decoder_fn
+
     steps = req.steps or DEFAULT_STEPS
     eta = req.eta or 0.0
     model = load_model(req.model or DEFAULT_MODEL, steps)
+    spec = pipeline_spec(model, None, ())
+    if not spec.conditional and req.conditions:
+        raise UserError(f"model {model.source.spec!r} is unconditional: --prompt and --class do not apply")
     if req.backend == "torch":
         from ptqd.calibration.trajectory import sample_torch_fp
 
         return sample_torch_fp(model.unet, model.scheduler_config, steps, eta, req.num, req.seed,
-                               req.batch_size or DEFAULT_BATCH)
+                               req.batch_size or DEFAULT_BATCH, conditioner=_torch_conditioner(model, spec, req),
+                               decoder=vae_decoder_fn(model.vae))
+    if spec.conditional or spec.latent:
+        raise UserError("without OUT, a conditional or latent model samples with --backend torch; "
+                        "export it (export-trt) to sample its onnxruntime graphs")
     if req.backend == "onnxruntime":
         from ptqd.engines.onnxruntime import OnnxRuntimeUNet
         from ptqd.exporter.onnx_fp import export_fp_onnx
@@ -72,38 +85,44 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
         schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
         with tempfile.TemporaryDirectory(prefix="ptqd-sample-") as tmp:
             engine = OnnxRuntimeUNet(export_fp_onnx(model.unet, Path(tmp) / "unet_fp32.onnx"))
-        return _generate(schedule, {"fp32": engine}, req.batch_size or DEFAULT_BATCH, req)
+        return _generate(Sampler(schedule, {"fp32": engine}, req.batch_size or DEFAULT_BATCH), req)
     raise UserError("--backend tensorrt runs an exported output's engines: give OUT "
                     "(made by export-trt)")
 
 
 def _schedule(model, steps, eta, configs, corrections):
+    from ptqd.conditions import latent_shape
     from ptqd.exporter.timeline import build_schedule
 
-    size = model.unet.config.sample_size
-    shape = [model.unet.config.in_channels, size, size]
-    return build_schedule(model.scheduler_config, steps, eta, shape, configs, corrections)
+    return build_schedule(model.scheduler_config, steps, eta, latent_shape(model.unet), configs, corrections)
 
 
-def _generate(schedule, engines, batch_size: int, req: SampleRequest) -> np.ndarray:
+def _torch_conditioner(model, spec, req: SampleRequest):
+    from ptqd.conditions import torch_conditioner
+
+    try:
+        return torch_conditioner(model, spec, spec.check_conditions(req.conditions))
+    except ValueError as exc:
+        raise UserError(f"--prompt/--class: {exc}") from None
+
+
+def _generate(sampler, req: SampleRequest) -> np.ndarray:
     from tqdm import tqdm
 
-    from ptqd.engines.sampler import generate
-
-    with tqdm(total=req.num * len(schedule.steps), unit="img-step", disable=None,
+    with tqdm(total=req.num * len(sampler.schedule.steps), unit="img-step", disable=None,
               desc="sampling", leave=False) as bar:
-        return generate(schedule, engines, req.num, req.seed, batch_size, on_progress=bar.update)
+        return sampler.generate(req.num, req.seed, on_progress=bar.update)
 
 
 def sample_output(req: SampleRequest) -> np.ndarray:
     """Sample OUT's quantized model at --precision, with or without the PTQD correction."""
     if req.backend == "torch":
-        return _sample_output_torch(req, *_output_plan(req))
-    return _generate(*output_sampler(req), req)
+        return _generate(_sample_output_torch(req, *_output_plan(req)), req)
+    return _generate(output_sampler(req), req)
 
 
 def output_sampler(req: SampleRequest):
-    """(schedule, engines, batch size) that sample OUT on its engines as `req` asks: what
+    """The engines.sampler.Sampler that samples OUT on its engines as `req` asks: what
     `ptqd sample OUT --backend onnxruntime|tensorrt` runs, for callers that drive the loop."""
     return _sample_output_engines(req, *_output_plan(req))
 
@@ -125,7 +144,9 @@ def _output_plan(req: SampleRequest):
     return doc, configs, corrections
 
 
-def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
+def _sample_output_torch(req, doc, configs, corrections):
+    from ptqd.conditions import vae_decoder_fn
+    from ptqd.exporter.stage import calibrated_spec
     from ptqd.pipeline import CALIBRATION_DIR, load_model
 
     model = load_model(doc["model"], doc["num_inference_steps"])
@@ -134,11 +155,14 @@ def _sample_output_torch(req, doc, configs, corrections) -> np.ndarray:
                         "(sha256 differs); recalibrate")
     schedule = _schedule(model, doc["num_inference_steps"], doc["eta"], configs, corrections)
     engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
-    return _generate(schedule, engines, req.batch_size or DEFAULT_BATCH, req)
+    spec = calibrated_spec(model, doc)
+    return Sampler(schedule, engines, req.batch_size or DEFAULT_BATCH, _torch_conditioner(model, spec, req),
+                   vae_decoder_fn(model.vae))
 
 
-def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
+def _sample_output_engines(req, doc, configs, corrections):
     """The deployed path: engines and the folded schedule file, no torch in the loop."""
+    from ptqd.engines.conditioning import guided_batch
     from ptqd.exporter.schedule import FoldedSchedule
     from ptqd.pipeline import SCHEDULER_DIR
 
@@ -154,14 +178,19 @@ def _sample_output_engines(req, doc, configs, corrections) -> np.ndarray:
         sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
         schedule = build_schedule(sched_cfg, doc["num_inference_steps"], doc["eta"],
                                   schedule.sample_shape, configs, corrections)
-    batch_size = _engine_batch_size(req)
+    spec = _pipeline_spec(sched_dir)
+    batch_size = _engine_batch_size(req, 2 if spec.guided else 1)
     engines = {cfg: _engine(req.out, cfg, req.backend, req.graph) for cfg in sorted(set(configs))}
-    return schedule, engines, batch_size
+    conditioner = _runtime_conditioner(spec, req, sched_dir)
+    decoder = _extra_engine(req.out, "vae_decoder", req.backend) if spec.latent else None
+    return Sampler(schedule, engines, batch_size if req.batch_size else guided_batch(batch_size, spec),
+                   conditioner, decoder)
 
 
-def _engine_batch_size(req: SampleRequest) -> int:
+def _engine_batch_size(req: SampleRequest, per_image: int = 1) -> int:
     """Engines are built for a batch range (--batch at build time): by default sample in
-    batches of its maximum; refuse an explicit --batch-size they cannot run."""
+    batches of its maximum; refuse an explicit --batch-size they cannot run (a guided model's
+    UNet call takes per_image = 2 samples per image)."""
     from ptqd.engines.profiles import recorded_profile
     from ptqd.pipeline import ENGINES_DIR
 
@@ -170,11 +199,59 @@ def _engine_batch_size(req: SampleRequest) -> int:
         return req.batch_size or DEFAULT_BATCH
     lo, hi = profile.min, profile.max
     if req.batch_size is None:
+        if hi < per_image:
+            raise UserError(f"the engines' profile {lo}..{hi} cannot take one guided image ({per_image} "
+                            f"samples per UNet call); rebuild with `ptqd build {req.out} --batch ... --force`")
         return hi
-    if not lo <= min(req.batch_size, req.num) <= hi:
-        raise UserError(f"batch {min(req.batch_size, req.num)} is outside the engines' profile {lo}..{hi}; "
+    unet_batch = min(req.batch_size, req.num) * per_image
+    if not lo <= unet_batch <= hi:
+        raise UserError(f"UNet batch {unet_batch} is outside the engines' profile {lo}..{hi}; "
                         f"use --batch-size within it or rebuild with `ptqd build {req.out} --batch ... --force`")
     return req.batch_size
+
+
+def _pipeline_spec(sched_dir: Path):
+    from ptqd.engines.conditioning import SPEC_FILE, PipelineSpec
+
+    try:
+        return PipelineSpec.load(sched_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{sched_dir / SPEC_FILE} does not read ({type(exc).__name__}); was it edited? "
+                        "`ptqd verify` checks the output") from None
+
+
+def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path):
+    try:
+        spec.check_conditions(req.conditions)
+    except ValueError as exc:
+        raise UserError(f"--prompt/--class: {exc}") from None
+    encoder = _extra_engine(req.out, "text_encoder", req.backend) if spec.kind == "text" else None
+    try:
+        return runtime_conditioner(spec, req.conditions, sched_dir / TOKENIZER_DIR, encoder)
+    except Exception as exc:  # a missing or damaged tokenizer: OSError, tokenizers' own exceptions
+        raise UserError(f"{sched_dir / TOKENIZER_DIR} does not load ({type(exc).__name__}); "
+                        "`ptqd verify` checks the output, `ptqd export --force` rewrites it") from None
+
+
+def _extra_engine(out: Path, name: str, backend: str):
+    """The VAE decoder or text encoder: its plan with --backend tensorrt, else its FP32 graph."""
+    from ptqd.exporter.graph_files import TEXT_ENCODER_GRAPH, VAE_DECODER_GRAPH
+    from ptqd.pipeline import ENGINES_DIR, ONNX_DIR
+
+    if backend == "tensorrt":
+        from ptqd.engines.tensorrt import TensorRTGraph
+
+        plan = out / ENGINES_DIR / f"{name}.plan"
+        if not plan.is_file():
+            raise UserError(f"{plan} is missing: build it with {out / ENGINES_DIR / 'build_engines.sh'}")
+        graph = TensorRTGraph(plan)
+        return MinBatch(graph, graph.batch_range[0])  # one image may be below the profile's minimum
+    from ptqd.engines.onnxruntime import OnnxRuntimeGraph
+
+    path = out / ONNX_DIR / {"vae_decoder": VAE_DECODER_GRAPH, "text_encoder": TEXT_ENCODER_GRAPH}[name]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `ptqd export {out}` (with --force to redo it)")
+    return OnnxRuntimeGraph(path)
 
 
 def _engine(out: Path, cfg: str, backend: str, graph: str):
@@ -191,8 +268,6 @@ def _engine(out: Path, cfg: str, backend: str, graph: str):
         if not plan.is_file():
             raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
                             f"or {out / ENGINES_DIR / 'build_engines.sh'}")
-        from ptqd.engines.sampler import MinBatch
-
         unet = TensorRTUNet(plan)
         return MinBatch(unet, unet.batch_range[0])  # a last, smaller chunk is padded
     from ptqd.engines.onnxruntime import OnnxRuntimeUNet

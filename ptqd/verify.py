@@ -70,13 +70,17 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
                                 f"!= calibration's {s_cal['k']}")
                 break
     engines = _load_json(out, f"engines/{ORT_MANIFEST}", problems)
-    if engines is not None and sorted(engines.get("engines", {})) != scheduled:
+    if engines is not None and sorted(k for k in engines.get("engines", {}) if k not in EXTRA_ENGINES) != scheduled:
         problems.append(f"engines/{ORT_MANIFEST}: engines for {sorted(engines['engines'])}, "
                         f"the schedule uses {scheduled}")
     problems += _check_plans(out, scheduled)
     if (out / "triton").is_dir():
         problems += check_triton(out, scheduled)
     return problems
+
+
+# engines beside the UNets' (latent / text-conditioned models), keyed by name, not configuration
+EXTRA_ENGINES = ("vae_decoder", "text_encoder")
 
 
 def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
@@ -124,12 +128,38 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
                                    out / "engines" / f"unet_{cfg}.plan")
         else:
             problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
+    return problems + _check_triton_extras(out, configs, unets)
+
+
+def _check_triton_extras(out: Path, configs: dict, unets: str) -> list[str]:
+    """A latent / text model's decoder and encoder, and its pipeline.json, as the repository holds them."""
+    from ptqd.deploy.repository import SAMPLER
+    from ptqd.engines.conditioning import SPEC_FILE
+
+    problems = []
+    version = out / "triton" / SAMPLER / "1"
+    if (out / "scheduler" / SPEC_FILE).is_file():
+        problems += _same_file(out, version / SPEC_FILE, out / "scheduler" / SPEC_FILE)
+    for f in sorted((out / "scheduler" / "tokenizer").glob("*")):
+        problems += _same_file(out, version / "tokenizer" / f.name, f)
+    for name in EXTRA_ENGINES:
+        graph = out / "onnx" / f"{name}.onnx"
+        if not graph.is_file():
+            continue
+        if unets == "in-process":
+            problems += _same_file(out, version / "onnx" / graph.name, graph)
+        elif name not in configs:
+            problems.append(f"triton/{name}: missing, the pipeline runs onnx/{graph.name}")
+        elif configs[name].platform == "tensorrt_plan":
+            problems += _same_file(out, out / "triton" / name / "1" / "model.plan", out / "engines" / f"{name}.plan")
+        else:
+            problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
     return problems
 
 
 def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
     problems = []
-    plans = sorted((out / "engines").glob("unet_*.plan")) if (out / "engines").is_dir() else []
+    plans = sorted((out / "engines").glob("*.plan")) if (out / "engines").is_dir() else []
     for plan in plans:
         meta_path = plan.with_suffix(".json")
         if not meta_path.is_file():
@@ -147,7 +177,8 @@ def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
                                 f"this machine has {tensorrt.__version__}")
         except ImportError:
             pass
-    if plans and sorted(p.stem.removeprefix("unet_") for p in plans) != scheduled:
+    unets = [p for p in plans if p.stem.startswith("unet_")]
+    if unets and sorted(p.stem.removeprefix("unet_") for p in unets) != scheduled:
         problems.append(f"engines/: plans for {[p.stem for p in plans]}, the schedule uses {scheduled}")
     return problems
 

@@ -74,3 +74,40 @@ def exported_copy(exported, tmp_path):
     dst = tmp_path / "out"
     shutil.copytree(exported, dst)
     return dst
+
+
+CONDITIONAL_STEPS = 20
+GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="session")
+def tiny_text_export(tmp_path_factory):
+    """The issue's command on a tiny random-weight Stable Diffusion layout built in code:
+    export-trt --model <it> --bits 4 --steps 20 --guidance-scale 3 (16 trajectories, a
+    16-sample report)."""
+    from ptqd.builtin.tiny_pipelines import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-text")
+    model = build_tiny_pipeline("text", root / "tiny-sd")
+    out = root / "out"
+    result = run_cli("--model", str(model), "--bits", "4", "--steps", str(CONDITIONAL_STEPS), "--guidance-scale",
+                     str(GUIDANCE), "--calib-samples", "16", "--report-samples", "16", "--output", str(out),
+                     entry="export-trt")
+    assert result.returncode == 0, result.stderr
+    (root / "export-trt.log").write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_class_export(tmp_path_factory):
+    """A tiny class-conditional latent model (UNet2DModel with class embeddings + VAE),
+    calibrated on classes 1, 2, 3 at guidance 3, 10 steps, no report."""
+    from ptqd.builtin.tiny_pipelines import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-class")
+    model = build_tiny_pipeline("class", root / "tiny-ldm")
+    out = root / "out"
+    result = run_cli("--model", str(model), "--steps", "10", "--guidance-scale", str(GUIDANCE), "--classes", "1,2,3",
+                     "--calib-samples", "16", "--no-report", "--output", str(out), entry="export-trt")
+    assert result.returncode == 0, result.stderr
+    return out

@@ -13,11 +13,15 @@ import torch
 from tqdm import tqdm
 
 from ptqd.calibration.layers import quantizable_layers
-from ptqd.calibration.trajectory import ddim_trajectory
+from ptqd.calibration.trajectory import chunk_engine, ddim_trajectory
+from ptqd.conditions import latent_shape
 from ptqd.engines.noise import SampleNoise
 
 CALIBRATION_INDEX_OFFSET = 1_000_000
 VALUES_PER_CALL = 2048
+# Samples per UNet call; calibration sample j is conditioned on conditions[j % len], and the
+# PTQD statistics re-run the same chunks, so both see the same conditioning.
+CHUNK = 64
 
 
 @dataclass
@@ -68,9 +72,9 @@ class ActivationObserver:
 
 
 def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: int, seed: int,
-            layers: list[str], batch_size: int = 64, progress: bool = True) -> CalibrationData:
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
+            layers: list[str], batch_size: int = CHUNK, progress: bool = True,
+            conditioner=None) -> CalibrationData:
+    shape = tuple(latent_shape(unet))
     xs = [[] for _ in range(steps)]
     eps = [[] for _ in range(steps)]
     timesteps = [0] * steps
@@ -87,8 +91,8 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
             for start in range(0, num_samples, batch_size):
                 count = min(batch_size, num_samples - start)
                 noise = SampleNoise(seed, CALIBRATION_INDEX_OFFSET + start, count, shape)
-                ddim_trajectory(unet, scheduler_config, steps, eta, noise, on_step=record,
-                                progress=lambda: bar.update(count))
+                ddim_trajectory(chunk_engine(unet, conditioner, start, count), scheduler_config, steps,
+                                eta, noise, on_step=record, progress=lambda: bar.update(count))
     finally:
         values, absmax = observer.close()
     inputs = {k: v for k, v in values.items() if not k.endswith(":out")}

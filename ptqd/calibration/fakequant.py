@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +48,8 @@ class TorchUNetEngine:
         self.unet = unet
 
     @torch.no_grad()
-    def __call__(self, sample, timestep):
-        out = self.unet(torch.from_numpy(sample), torch.from_numpy(timestep)).sample
+    def __call__(self, sample, timestep, **conditioning):
+        extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in conditioning.items()}
+        out = self.unet(torch.from_numpy(np.ascontiguousarray(sample)),
+                        torch.from_numpy(np.ascontiguousarray(timestep)), **extra).sample
         return out.numpy()

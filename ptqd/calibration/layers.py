@@ -21,8 +21,10 @@ def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...]) -> list[LayerInfo]:
-    """MACs per sample of every Conv2d/Linear, measured by running the model once."""
+def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
+                   conditioning: dict | None = None) -> list[LayerInfo]:
+    """MACs per sample of every Conv2d/Linear, measured by running the model once (with one
+    sample's conditioning inputs for a conditional model)."""
     infos: dict[str, LayerInfo] = {}
     hooks = []
     for name, module in quantizable_layers(unet).items():
@@ -35,7 +37,8 @@ def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...]) -> list[Layer
                 infos[name] = LayerInfo(name, "linear", int(out.numel() * mod.in_features))
         hooks.append(module.register_forward_hook(hook))
     try:
-        unet(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
+        extra = {k: torch.from_numpy(v[:1]) for k, v in (conditioning or {}).items()}
+        unet(torch.zeros(1, *sample_shape), torch.tensor([500.0]), **extra)
     finally:
         for h in hooks:
             h.remove()

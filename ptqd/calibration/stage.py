@@ -6,18 +6,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from ptqd.calibration.artifact import write_ptqd_json
 from ptqd.calibration.configs import (DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY, FLOAT_CONFIG,
                                      BitConfig, candidate_configs, is_kept)
-from ptqd.calibration.data import CalibrationData, collect
+from ptqd.calibration.data import CHUNK, CalibrationData, collect
 from ptqd.calibration.fakequant import fake_quant_unet
 from ptqd.calibration.layers import measure_layers
 from ptqd.calibration.mixed_precision import Policy, choose_schedule, config_bops, fp32_bops
 from ptqd.calibration.noise_stats import CORRECTIONS, StepStats, step_stats
 from ptqd.calibration.params import calibrate_config, save_params
+from ptqd.calibration.trajectory import chunk_engine
 from ptqd.errors import UserError
 from ptqd.exporter.schedule import fold_step
 from ptqd.exporter.timeline import ddim_timeline
@@ -36,6 +38,9 @@ class CalibrationRequest:
     correction: str = "auto"
     extra_configs: tuple[str, ...] = ()
     keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
+    # conditional models: None = the kind's default (conditions.DEFAULT_GUIDANCE)
+    guidance_scale: float | None = None
+    conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
 
     def validate(self) -> tuple[BitConfig, Policy]:
         base = BitConfig(self.bits, self.act_bits)
@@ -47,14 +52,20 @@ class CalibrationRequest:
         return base, policy
 
 
-def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar) -> list[StepStats]:
+def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar,
+                  conditioner=None) -> list[StepStats]:
+    """Per step, the fake-quant model's (guided) eps on the recorded x_t against the recorded
+    full-precision (guided) eps, in the chunks and conditions the trajectories were drawn with."""
     qmodel = fake_quant_unet(unet, quant)
+    n = data.num_samples
+    engines = [chunk_engine(qmodel, conditioner, start, min(CHUNK, n - start)) for start in range(0, n, CHUNK)]
     out = []
     with torch.no_grad():
         for i, t in enumerate(data.timesteps):
-            x = data.x[i]
-            tt = torch.full((x.shape[0],), float(t))
-            eps_q = torch.cat([qmodel(xb, tb).sample for xb, tb in zip(x.split(64), tt.split(64))])
+            x = data.x[i].numpy()
+            tt = np.full((n,), float(t), dtype=np.float32)
+            eps_q = torch.from_numpy(np.concatenate([e(x[s:s + CHUNK], tt[s:s + CHUNK])
+                                                     for e, s in zip(engines, range(0, n, CHUNK))]))
             delta = eps_q - data.eps[i]
             out.append(step_stats(data.eps[i][:n_fit], delta[:n_fit], data.eps[i][n_fit:],
                                   delta[n_fit:], mode))
@@ -68,21 +79,26 @@ def _step_noise(stats: list[StepStats], timeline, eta: float) -> list[float]:
                       st.sigma_q).B ** 2 * st.sigma_q ** 2 for s, st in zip(timeline, stats)]
 
 
-def run_calibration(req: CalibrationRequest, source, unet, sched_cfg: dict, folder: Path) -> dict:
+def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
+    from ptqd.conditions import example_conditioning, latent_shape, pipeline_spec, torch_conditioner
+
     base, policy = req.validate()
+    source, unet, sched_cfg = model.source, model.unet, model.scheduler_config
+    spec = pipeline_spec(model, req.guidance_scale, req.conditions)
+    conditioner = torch_conditioner(model, spec)
     configs = candidate_configs(base, list(req.extra_configs))
     start = time.perf_counter()
-    size = unet.config.sample_size
-    layers = measure_layers(unet, (unet.config.in_channels, size, size))
+    layers = measure_layers(unet, tuple(latent_shape(unet)), example_conditioning(model, spec, 1))
     quantized = [layer.name for layer in layers if not is_kept(layer.name, req.keep)]
-    data = collect(unet, sched_cfg, req.steps, req.eta, req.calib_samples, req.seed, quantized)
+    data = collect(unet, sched_cfg, req.steps, req.eta, req.calib_samples, req.seed, quantized,
+                   conditioner=conditioner)
     quants = [calibrate_config(unet, cfg, data, req.keep) for cfg in configs]
     n_fit = max(4, req.calib_samples * 3 // 4)
     stats = {}
     with tqdm(total=len(configs) * req.steps, desc="PTQD statistics", unit="step",
               leave=False, disable=None) as bar:
         for cfg, quant in zip(configs, quants):
-            stats[cfg.name] = measure_noise(unet, quant, data, n_fit, req.correction, bar)
+            stats[cfg.name] = measure_noise(unet, quant, data, n_fit, req.correction, bar, conditioner)
     timeline = ddim_timeline(sched_cfg, req.steps)
     bops = {c.name: config_bops(layers, c.weight_bits, c.act_bits, req.keep) for c in configs}
     noise = {name: _step_noise(s, timeline, req.eta) for name, s in stats.items()}
@@ -90,6 +106,8 @@ def run_calibration(req: CalibrationRequest, source, unet, sched_cfg: dict, fold
     schedule = choose_schedule(policy, base.name, snr, noise, bops)
     doc = _document(req, source, base, policy, configs, quants, layers, timeline, stats, bops,
                     schedule, time.perf_counter() - start)
+    doc["conditioning"] = {"kind": spec.kind, "guidance_scale": spec.guidance_scale,
+                           "calibration_conditions": spec.default_conditions}
     folder.mkdir(parents=True, exist_ok=True)
     save_params(folder, quants, req.keep)
     write_ptqd_json(folder, doc)

@@ -23,20 +23,29 @@ def _module(protocol: str):
     return module
 
 
-def _inputs(module, seed: int, num: int, first_index: int) -> list:
+TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(object): "BYTES"}
+
+
+def _inputs(module, seed: int, num: int, first_index: int, prompts=(), classes=()) -> list:
     values = {"seed": np.array([seed], dtype=np.int64), "num_images": np.array([num], dtype=np.int32),
               "first_index": np.array([first_index], dtype=np.int64)}
+    if prompts:
+        values["prompt"] = np.array([p.encode("utf-8") for p in prompts], dtype=object)
+    if classes:
+        values["class_label"] = np.array(classes, dtype=np.int64)
     inputs = []
     for name, value in values.items():
-        tensor = module.InferInput(name, list(value.shape), "INT64" if value.dtype == np.int64 else "INT32")
+        tensor = module.InferInput(name, list(value.shape), TRITON_DTYPES[value.dtype])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     return inputs
 
 
 def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol: str = "http",
-                   model: str = SAMPLER, timeout: float = 600.0) -> np.ndarray:
-    """Images first_index.. of `seed` from the sampler model: float32 [num, C, H, W] in [0, 1]."""
+                   model: str = SAMPLER, timeout: float = 600.0, prompts: tuple[str, ...] = (),
+                   classes: tuple[int, ...] = ()) -> np.ndarray:
+    """Images first_index.. of `seed` from the sampler model: float32 [num, C, H, W] in [0, 1];
+    a conditional model's image j is conditioned on prompts/classes[j % count]."""
     from tritonclient.utils import InferenceServerException
 
     module = _module(protocol)
@@ -46,11 +55,11 @@ def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol
     try:
         if protocol == "http":
             client = module.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
-            result = client.infer(model, _inputs(module, seed, num, first_index),
+            result = client.infer(model, _inputs(module, seed, num, first_index, prompts, classes),
                                   outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)])
         else:
             client = module.InferenceServerClient(url)
-            result = client.infer(model, _inputs(module, seed, num, first_index),
+            result = client.infer(model, _inputs(module, seed, num, first_index, prompts, classes),
                                   outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)], client_timeout=timeout)
     except InferenceServerException as exc:
         raise UserError(f"{url}: {exc.message() or exc}") from None

@@ -14,6 +14,8 @@ from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME
 CONFIG_FILE = "config.pbtxt"
 SAMPLER_INPUTS = {"seed": "TYPE_INT64", "num_images": "TYPE_INT32", "first_index": "TYPE_INT64"}
 SAMPLER_OUTPUT = "images"
+# conditional models: what a request conditions its images on (image j uses item j % count)
+CONDITION_INPUTS = {"prompt": "TYPE_STRING", "class_label": "TYPE_INT64"}
 # Requests queue this long (µs) so concurrent samplers at the same step share one UNet batch.
 QUEUE_DELAY_US = 2000
 
@@ -46,15 +48,27 @@ def write_config(model_dir: Path, config) -> Path:
     return path
 
 
-def _unet_io(config, sample_shape: list[int]) -> None:
+# A model's tensors: (name, numpy dtype name, per-sample dims). A per-sample scalar (timestep,
+# class label) has dims []: Triton's per-request shape must have a dim, so clients send
+# [batch, 1] and `reshape: []` hands the engine [batch].
+Tensor = tuple[str, str, list[int]]
+TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+
+
+def unet_io(sample_shape: list[int], conditioning: list[dict] = ()) -> tuple[list[Tensor], list[Tensor]]:
+    """The UNet graph's interface: sample, timestep, then a conditional model's inputs."""
+    inputs = [(INPUT_NAMES[0], "float32", list(sample_shape)), (INPUT_NAMES[1], "float32", [])]
+    inputs += [(c["name"], c["dtype"], list(c["dims"])) for c in conditioning]
+    return inputs, [(OUTPUT_NAME, "float32", list(sample_shape))]
+
+
+def _io(config, inputs: list[Tensor], outputs: list[Tensor]) -> None:
     pb, _ = _schema()
-    fp32 = pb.DataType.Value("TYPE_FP32")
-    config.input.add(name=INPUT_NAMES[0], data_type=fp32, dims=list(sample_shape))
-    # The graph's timestep is [batch]; Triton's per-request shape must have a dim, so clients
-    # send [batch, 1] and Triton hands the engine [batch].
-    timestep = config.input.add(name=INPUT_NAMES[1], data_type=fp32, dims=[1])
-    timestep.reshape.SetInParent()
-    config.output.add(name=OUTPUT_NAME, data_type=fp32, dims=list(sample_shape))
+    for group, tensors in ((config.input, inputs), (config.output, outputs)):
+        for name, dtype, dims in tensors:
+            tensor = group.add(name=name, data_type=pb.DataType.Value(TRITON_TYPES[dtype]), dims=dims or [1])
+            if not dims:
+                tensor.reshape.SetInParent()
 
 
 def _batched(config, profile: BatchProfile) -> None:
@@ -64,11 +78,11 @@ def _batched(config, profile: BatchProfile) -> None:
         config.dynamic_batching.preferred_batch_size.extend([profile.opt, profile.max])
 
 
-def unet_tensorrt(name: str, sample_shape: list[int], profile: BatchProfile):
-    """A UNet engine served by Triton's TensorRT backend from 1/model.plan."""
+def tensorrt_model(name: str, io: tuple[list[Tensor], list[Tensor]], profile: BatchProfile):
+    """A TensorRT engine served by Triton's TensorRT backend from 1/model.plan."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, platform="tensorrt_plan", default_model_filename="model.plan")
-    _unet_io(config, sample_shape)
+    _io(config, *io)
     _batched(config, profile)
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_GPU"), count=1, profile=["0"])
     return config
@@ -79,27 +93,32 @@ def _parameters(config, values: dict[str, str]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def unet_onnxruntime(name: str, sample_shape: list[int], profile: BatchProfile, threads: int):
-    """A UNet graph run by onnxruntime inside a Python-backend model (1/model.onnx): the
-    TensorRT model's stand-in where Triton has no TensorRT backend, called the same way."""
+def onnxruntime_model(name: str, io: tuple[list[Tensor], list[Tensor]], profile: BatchProfile, threads: int):
+    """A graph run by onnxruntime inside a Python-backend model (1/model.onnx): the TensorRT
+    model's stand-in where Triton has no TensorRT backend, called the same way."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, backend="python")
-    _unet_io(config, sample_shape)
+    _io(config, *io)
     _batched(config, profile)
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=1)
     _parameters(config, {"graph": "model.onnx", "threads": threads})
     return config
 
 
-def sampler(name: str, sample_shape: list[int], instances: int, parameters: dict[str, str]):
-    """The denoising loop: (seed, num_images[, first_index]) -> images [num, C, H, W] in [0, 1]."""
+def sampler(name: str, image_shape: list[int], instances: int, parameters: dict[str, str],
+            condition_input: str | None = None):
+    """The whole pipeline: (seed, num_images[, first_index][, prompt | class_label]) ->
+    images [num, C, H, W] in [0, 1]; a conditional model's conditions are optional, any count."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
     for input_name, dtype in SAMPLER_INPUTS.items():
         config.input.add(name=input_name, data_type=pb.DataType.Value(dtype), dims=[1],
                          optional=input_name == "first_index")
+    if condition_input is not None:
+        config.input.add(name=condition_input, data_type=pb.DataType.Value(CONDITION_INPUTS[condition_input]),
+                         dims=[-1], optional=True)
     config.output.add(name=SAMPLER_OUTPUT, data_type=pb.DataType.Value("TYPE_FP32"),
-                      dims=[-1, *sample_shape])
+                      dims=[-1, *image_shape])
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=instances)
     _parameters(config, parameters)
     return config

@@ -2,12 +2,14 @@
 repository that `tritonserver --model-repository OUT/triton` serves with no edits.
 
     triton/
-      ptqd_sampler/            Python backend: the denoising loop with the folded PTQD schedule
-        config.pbtxt
+      ptqd_sampler/            Python backend: encode the prompt or class, the denoising loop with
+        config.pbtxt           the folded PTQD schedule and guidance, decode
         1/model.py, 1/ptqd_schedule.json, 1/ptqd/...   (ptqd's numpy-only runtime, copied)
-        1/onnx/unet_<cfg>.cpu.onnx                      (--unets in-process only)
+        1/pipeline.json, 1/tokenizer/                   (conditional / latent models)
+        1/onnx/unet_<cfg>.cpu.onnx, vae_decoder.onnx, text_encoder.onnx   (--unets in-process only)
       unet_<cfg>/              one per configuration the schedule uses (--unets tensorrt|onnxruntime)
         config.pbtxt, 1/model.plan (TensorRT) or 1/model.py + 1/model.onnx (onnxruntime)
+      vae_decoder/, text_encoder/   the same, FP32, for latent / text models
 
 The repository carries everything it runs, so it can be copied into the Triton image alone.
 """
@@ -21,7 +23,9 @@ import click
 
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import graph_path
+from ptqd.engines.conditioning import SPEC_FILE, PipelineSpec
+from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TEXT_OUTPUT, TOKENIZER_DIR, TOKENS_INPUT,
+                                       VAE_DECODER_GRAPH, VAE_INPUT, VAE_OUTPUT, graph_path)
 from ptqd.exporter.schedule import SCHEDULE_FILE, FoldedSchedule
 from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
@@ -35,8 +39,10 @@ DEFAULT_MAX_IMAGES = 256
 DEFAULT_INSTANCES = 2
 # What the Python-backend models import from ptqd: numpy-only modules (no torch, no click).
 RUNTIME_MODULES = ("__init__.py", "errors.py", "engines/__init__.py", "engines/noise.py",
-                   "engines/sampler.py", "engines/onnxruntime.py", "exporter/__init__.py",
-                   "exporter/schedule.py", "exporter/graph_files.py")
+                   "engines/sampler.py", "engines/onnxruntime.py", "engines/conditioning.py",
+                   "engines/tokenizer.py", "exporter/__init__.py", "exporter/schedule.py",
+                   "exporter/graph_files.py")
+GRAPH_MODEL = "graph_onnxruntime.py"   # the Python-backend model that runs one graph
 
 
 def unet_model_name(cfg: str) -> str:
@@ -69,19 +75,31 @@ def engine_profile(out: Path) -> BatchProfile:
     return profile
 
 
-def _plans(out: Path, configs: list[str]) -> dict[str, Path]:
-    plans = {cfg: out / "engines" / f"unet_{cfg}.plan" for cfg in configs}
-    return {cfg: p for cfg, p in plans.items() if p.is_file()}
+def graph_models(out: Path, schedule: FoldedSchedule, spec: PipelineSpec) -> dict[str, tuple]:
+    """Every model that runs a graph, by Triton model name: (plan, CPU graph, interface).
+    The UNets run their CPU-fast graph without TensorRT; the decoder and encoder their FP32 one."""
+    models = {}
+    for cfg in schedule.configs:
+        models[unet_model_name(cfg)] = (out / "engines" / f"unet_{cfg}.plan", graph_path(out / "onnx", cfg, "cpu-fast"),
+                                        model_config.unet_io(schedule.sample_shape, spec.unet_inputs))
+    if spec.latent:
+        models["vae_decoder"] = (out / "engines" / "vae_decoder.plan", out / "onnx" / VAE_DECODER_GRAPH,
+                                 ([(VAE_INPUT, "float32", schedule.sample_shape)],
+                                  [(VAE_OUTPUT, "float32", spec.image_shape)]))
+    if spec.kind == "text":
+        hidden = spec.unet_inputs[0]["dims"]
+        models["text_encoder"] = (out / "engines" / "text_encoder.plan", out / "onnx" / TEXT_ENCODER_GRAPH,
+                                  ([(TOKENS_INPUT, "int64", [spec.max_length])], [(TEXT_OUTPUT, "float32", hidden)]))
+    return models
 
 
-def resolve_unets(out: Path, configs: list[str], unets: str) -> str:
+def resolve_unets(out: Path, models: dict[str, tuple], unets: str) -> str:
     if unets not in UNET_MODES:
         raise UserError(f"--unets {unets!r}: expected one of {', '.join(UNET_MODES)}")
-    plans = _plans(out, configs)
+    missing = ", ".join(plan.name for plan, _, _ in models.values() if not plan.is_file())
     if unets == "auto":
-        return "tensorrt" if len(plans) == len(configs) else "in-process"
-    if unets == "tensorrt" and len(plans) != len(configs):
-        missing = ", ".join(f"unet_{c}.plan" for c in configs if c not in plans)
+        return "in-process" if missing else "tensorrt"
+    if unets == "tensorrt" and missing:
         raise UserError(f"--unets tensorrt: {out}/engines has no {missing}; build the engines "
                         "(engines/build_engines.sh in NVIDIA's TensorRT container) or use --unets in-process")
     return unets
@@ -99,32 +117,40 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
     if not (out / "scheduler").is_dir():
         raise UserError(f"{out} has no scheduler/: run `ptqd export {out}` first")
     schedule = FoldedSchedule.load(out / "scheduler")
-    configs = schedule.configs
+    spec = PipelineSpec.load(out / "scheduler")
     profile = engine_profile(out)
-    mode = resolve_unets(out, configs, unets)
+    if spec.guided and profile.max < 2:
+        raise UserError(f"{out}: the engines' batch profile {profile} cannot take one guided image (2 UNet "
+                        f"samples); rebuild with `ptqd build {out} --batch 1,2,4 --force` (or larger)")
+    models = graph_models(out, schedule, spec)
+    mode = resolve_unets(out, models, unets)
     threads = _cpu_threads(instances)
 
     version = dest / SAMPLER / "1"
     _copy_runtime(version, "sampler.py")
     _copy(out / "scheduler" / SCHEDULE_FILE, version / SCHEDULE_FILE)
+    if spec.conditional or spec.latent:
+        _copy(out / "scheduler" / SPEC_FILE, version / SPEC_FILE)
+    if spec.kind == "text":
+        for f in sorted((out / "scheduler" / TOKENIZER_DIR).glob("*")):
+            _copy(f, version / TOKENIZER_DIR / f.name)
     if mode == "in-process":
-        for cfg in configs:
-            graph = graph_path(out / "onnx", cfg, "cpu-fast")
+        for _, graph, _ in models.values():
             _copy(graph, version / "onnx" / graph.name)
     params = {"unets": "in-process" if mode == "in-process" else "bls", "batch": profile.max, "min_batch": profile.min,
               "max_images": max_images, "threads": threads}
-    model_config.write_config(dest / SAMPLER, model_config.sampler(SAMPLER, schedule.sample_shape,
-                                                                   instances, params))
-    for cfg in configs if mode != "in-process" else []:
-        name = unet_model_name(cfg)
+    condition = {"text": "prompt", "class": "class_label"}.get(spec.kind)
+    model_config.write_config(dest / SAMPLER, model_config.sampler(
+        SAMPLER, spec.image_shape or schedule.sample_shape, instances, params, condition))
+    for name, (plan, graph, io) in models.items() if mode != "in-process" else []:
         if mode == "tensorrt":
-            _copy(out / "engines" / f"unet_{cfg}.plan", dest / name / "1" / "model.plan")
-            config = model_config.unet_tensorrt(name, schedule.sample_shape, profile)
+            _copy(plan, dest / name / "1" / "model.plan")
+            config = model_config.tensorrt_model(name, io, profile)
         else:
-            _copy_runtime(dest / name / "1", "unet_onnxruntime.py")
-            _copy(graph_path(out / "onnx", cfg, "cpu-fast"), dest / name / "1" / "model.onnx")
-            config = model_config.unet_onnxruntime(name, schedule.sample_shape, profile, threads)
+            _copy_runtime(dest / name / "1", GRAPH_MODEL)
+            _copy(graph, dest / name / "1" / "model.onnx")
+            config = model_config.onnxruntime_model(name, io, profile, threads)
         model_config.write_config(dest / name, config)
-    models = [SAMPLER] + ([unet_model_name(c) for c in configs] if mode != "in-process" else [])
-    click.echo(f"[triton] models {', '.join(models)} (UNets: {mode}, batch up to {profile.max})")
+    names = [SAMPLER] + (list(models) if mode != "in-process" else [])
+    click.echo(f"[triton] models {', '.join(names)} (UNets: {mode}, batch up to {profile.max})")
     return mode

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from ptqd.deploy.release import TENSORRT_IMAGE
-from ptqd.engines.profiles import input_shapes
+from ptqd.engines.jobs import EngineJob
 from ptqd.engines.tensorrt import BuildSettings
 
 SCRIPT_NAME = "build_engines.sh"
@@ -17,9 +17,9 @@ def _shape_arg(shapes: dict, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in per[which])}" for name, per in shapes.items())
 
 
-def trtexec_command(config: str, sample_shape: list[int], settings: BuildSettings) -> list[str]:
-    shapes = input_shapes(sample_shape, settings.profile)
-    return ["trtexec", f"--onnx=onnx/unet_{config}.onnx", f"--saveEngine=engines/unet_{config}.plan",
+def trtexec_command(job: EngineJob, settings: BuildSettings) -> list[str]:
+    shapes = job.shapes
+    return ["trtexec", f"--onnx=onnx/{job.onnx.name}", f"--saveEngine=engines/{job.plan_name}",
             # strongly typed: precision comes from the graph's Q/DQ (TensorRT 11 has no other
             # way; on 11 the flag is accepted as a no-op)
             "--stronglyTyped",
@@ -42,36 +42,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v trtexec >/dev/null || {{ echo "trtexec not found: run this inside {image}" >&2; exit 1; }}
 
-write_metadata() {{  # config batch-profile optimization-level
+write_metadata() {{  # name config source-onnx batch-profile optimization-level
   local trt gpu cc
   trt=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || echo unknown)
   cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || echo unknown)
-  printf '{{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "source_onnx": "unet_%s.onnx", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}}\\n' \\
-    "$1" "$trt" "$gpu" "$cc" "$1" "$(sha256sum "onnx/unet_$1.onnx" | cut -d' ' -f1)" "$2" "$3" \\
-    > "engines/unet_$1.json"
+  printf '{{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "source_onnx": "%s", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}}\\n' \\
+    "$2" "$trt" "$gpu" "$cc" "$3" "$(sha256sum "onnx/$3" | cut -d' ' -f1)" "$4" "$5" \\
+    > "engines/$1.json"
 }}
 '''
 
 
-def build_script(configs: list[str], steps_by_config: dict[str, int], sample_shape: list[int],
-                 settings: BuildSettings) -> str:
+def build_script(jobs: list[EngineJob], settings: BuildSettings) -> str:
     lines = [SCRIPT_HEAD.format(image=TENSORRT_IMAGE, script=SCRIPT_NAME)]
-    for config in configs:
-        lines.append(f"# {config}: runs {steps_by_config.get(config, 0)} of the schedule's steps")
-        cmd = trtexec_command(config, sample_shape, settings)
+    for job in jobs:
+        lines.append(f"# {job.note}")
+        cmd = trtexec_command(job, settings)
         lines.append(" \\\n  ".join(shlex.quote(part) for part in cmd))
-        # engines/unet_<cfg>.json beside the plan, as the Python builder writes it
-        lines.append(f"write_metadata {shlex.quote(config)} {shlex.quote(str(settings.profile))} "
-                     f"{settings.optimization_level}")
-        lines.append(f'echo "built engines/unet_{config}.plan"\n')
+        # engines/<name>.json beside the plan, as the Python builder writes it
+        args = (job.name, job.config, job.onnx.name, str(settings.profile))
+        lines.append("write_metadata " + " ".join(shlex.quote(a) for a in args) + f" {settings.optimization_level}")
+        lines.append(f'echo "built engines/{job.plan_name}"\n')
     return "\n".join(lines)
 
 
-def write_build_script(engines_dir: Path, configs: list[str], steps_by_config: dict[str, int],
-                       sample_shape: list[int], settings: BuildSettings) -> Path:
+def write_build_script(engines_dir: Path, jobs: list[EngineJob], settings: BuildSettings) -> Path:
     engines_dir.mkdir(parents=True, exist_ok=True)
     path = engines_dir / SCRIPT_NAME
-    path.write_text(build_script(configs, steps_by_config, sample_shape, settings))
+    path.write_text(build_script(jobs, settings))
     path.chmod(0o755)
     return path

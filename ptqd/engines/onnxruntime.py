@@ -54,15 +54,35 @@ def available_providers() -> list[str]:
     return [p for p in preferred if p in have]
 
 
-class OnnxRuntimeUNet:
-    """Callable engine: (sample, timestep) -> eps, over one onnxruntime session."""
+# onnxruntime's element type names -> numpy dtypes, for the inputs ptqd's graphs take
+_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class OnnxRuntimeGraph:
+    """Callable over one onnxruntime session: keyword arrays (cast to the graph's input
+    types) -> the first output. The VAE decoder and text encoder run through this."""
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
         self.path = Path(path)
         self.session = create_session(self.path, threads, providers)
         self.output_name = self.session.get_outputs()[0].name
+        self.input_types = {i.name: _DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        feeds = {"sample": np.ascontiguousarray(sample, dtype=np.float32),
-                 "timestep": np.ascontiguousarray(timestep, dtype=np.float32)}
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_types)
+
+    def run(self, **inputs: np.ndarray) -> np.ndarray:
+        feeds = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
         return self.session.run([self.output_name], feeds)[0]
+
+    def __call__(self, *args: np.ndarray) -> np.ndarray:
+        """Positional inputs in the graph's order (text encoder: input_ids; decoder: latents)."""
+        return self.run(**dict(zip(self.input_types, args)))
+
+
+class OnnxRuntimeUNet(OnnxRuntimeGraph):
+    """Engine: (sample, timestep, **conditioning) -> eps."""
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditioning: np.ndarray) -> np.ndarray:
+        return self.run(sample=sample, timestep=timestep, **conditioning)

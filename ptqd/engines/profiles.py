@@ -49,10 +49,15 @@ def recorded_profile(engines_dir: Path) -> BatchProfile | None:
     return None
 
 
-def input_shapes(sample_shape: list[int], profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Per input: (min, opt, max) shapes; only the batch axis varies."""
-    shapes = {}
-    for name in INPUTS:
-        per = [(b, *sample_shape) if name == "sample" else (b,) for b in (profile.min, profile.opt, profile.max)]
-        shapes[name] = tuple(per)
-    return shapes
+def batched_shapes(dims: dict[str, list[int]], profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per input: (min, opt, max) shapes; only the batch axis (first) varies."""
+    return {name: tuple((b, *per) for b in (profile.min, profile.opt, profile.max))
+            for name, per in dims.items()}
+
+
+def input_shapes(sample_shape: list[int], profile: BatchProfile,
+                 extra: list[dict] = ()) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The UNet's inputs: sample, timestep, then a conditional model's conditioning inputs
+    (PipelineSpec.unet_inputs: name and per-sample dims)."""
+    dims = {"sample": list(sample_shape), "timestep": [], **{e["name"]: list(e["dims"]) for e in extra}}
+    return batched_shapes(dims, profile)

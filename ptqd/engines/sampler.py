@@ -2,21 +2,25 @@
 
 An engine is any callable (sample [N,C,H,W] float32, timestep [N] float32) -> eps, so the
 same loop drives onnxruntime sessions, TensorRT contexts, the torch fake-quant model, and
-the Triton sampler model's BLS calls.
+the Triton sampler model's BLS calls. Conditional models' engines also take their
+conditioning inputs as keyword arrays; `conditioning.Guided` binds those per chunk, which
+turns them back into (sample, timestep) engines for the loop.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from ptqd.engines.conditioning import Conditioner, decode_images
 from ptqd.engines.noise import SampleNoise
 from ptqd.exporter.schedule import FoldedSchedule, apply_step
 
 
 class UNetEngine(Protocol):
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray: ...
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditioning: np.ndarray) -> np.ndarray: ...
 
 
 class MinBatch:
@@ -27,14 +31,13 @@ class MinBatch:
     def __init__(self, engine: UNetEngine, min_batch: int):
         self.engine, self.min_batch = engine, min_batch
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        n = len(sample)
+    def __call__(self, *arrays: np.ndarray, **named: np.ndarray) -> np.ndarray:
+        """Any engine's inputs (a UNet's sample, timestep and conditioning; a decoder's latents)."""
+        n = len(arrays[0] if arrays else next(iter(named.values())))
         if n >= self.min_batch:
-            return self.engine(sample, timestep)
-        pad = self.min_batch - n
-        sample = np.concatenate([sample, np.repeat(sample[-1:], pad, axis=0)])
-        timestep = np.concatenate([timestep, np.repeat(timestep[-1:], pad, axis=0)])
-        return self.engine(sample, timestep)[:n]
+            return self.engine(*arrays, **named)
+        pad = lambda v: np.concatenate([v, np.repeat(v[-1:], self.min_batch - n, axis=0)])
+        return self.engine(*map(pad, arrays), **{k: pad(v) for k, v in named.items()})[:n]
 
 
 def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: SampleNoise,
@@ -57,22 +60,56 @@ def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: 
 
 def to_images(x: np.ndarray) -> np.ndarray:
     """Model scale [-1, 1] -> images in [0, 1], as diffusers' pipelines do."""
-    return np.clip(x / 2.0 + 0.5, 0.0, 1.0).astype(np.float32)
+    return decode_images(x, None)
+
+
+def sample_chunk(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], seed: int, first_index: int,
+                 start: int, count: int, on_step: Callable[[int, np.ndarray], None] | None = None,
+                 conditioner: Conditioner | None = None, decoder=None) -> np.ndarray:
+    """Images start .. start+count-1 of a request whose first image is sample first_index of
+    `seed`: conditioned (and guided) as the conditioner says, decoded by the VAE decoder if any.
+    Image i of the seed gets noise (seed, i) and condition i % count, whatever the request."""
+    noise = SampleNoise(seed, first_index + start, count, tuple(schedule.sample_shape))
+    if conditioner is not None:
+        engines = conditioner.engines_for(engines, first_index + start, count)
+    return decode_images(denoise(schedule, engines, noise, on_step=on_step), decoder)
 
 
 def generate(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], num: int, seed: int,
              batch_size: int, first_index: int = 0,
-             on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+             on_progress: Callable[[int], None] | None = None,
+             conditioner: Conditioner | None = None, decoder=None) -> np.ndarray:
     """Images first_index .. first_index+num-1 of `seed`, in [0, 1], [num, C, H, W].
 
-    Sample i depends only on (seed, i), so a request for images 8..15 returns the same images
-    as the second half of a request for 0..15. on_progress(n) is told of n image-steps done.
+    Sample i depends only on (seed, i) and the conditions (it gets conditions[i % count]), so a
+    request for images 8..15 returns the same images as the second half of a request for
+    0..15 with the same conditions. on_progress(n) is told of n image-steps done.
     """
-    shape = tuple(schedule.sample_shape)
     chunks = []
     for start in range(0, num, batch_size):
         count = min(batch_size, num - start)
-        noise = SampleNoise(seed, first_index + start, count, shape)
         step_done = (lambda _i, _x, n=count: on_progress(n)) if on_progress else None
-        chunks.append(to_images(denoise(schedule, engines, noise, on_step=step_done)))
+        chunks.append(sample_chunk(schedule, engines, seed, first_index, start, count, step_done,
+                                   conditioner, decoder))
     return np.concatenate(chunks)
+
+
+@dataclass
+class Sampler:
+    """Everything that turns (seed, indices) into images: the schedule, an engine per
+    configuration, images per chunk, and for conditional / latent models the conditioner
+    and the VAE decoder. `ptqd sample`, the report and the Triton sampler model all run one."""
+    schedule: FoldedSchedule
+    engines: Mapping[str, UNetEngine]
+    batch_size: int
+    conditioner: Conditioner | None = None
+    decoder: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def chunk(self, seed: int, start: int, count: int, first_index: int = 0, on_step=None) -> np.ndarray:
+        return sample_chunk(self.schedule, self.engines, seed, first_index, start, count, on_step,
+                            self.conditioner, self.decoder)
+
+    def generate(self, num: int, seed: int, first_index: int = 0,
+                 on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+        return generate(self.schedule, self.engines, num, seed, self.batch_size, first_index, on_progress,
+                        self.conditioner, self.decoder)

@@ -16,30 +16,22 @@ from pathlib import Path
 import click
 
 from ptqd.engines.build_script import write_build_script
+from ptqd.engines.jobs import engine_jobs
 from ptqd.engines.onnxruntime import create_session
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, import_tensorrt, tensorrt_available
 from ptqd.errors import UserError
 from ptqd.exporter.graph_files import graph_path
-from ptqd.exporter.schedule import FoldedSchedule
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ORT_MANIFEST = "onnxruntime.json"
 
 
-def _schedule_configs(out: Path) -> tuple[FoldedSchedule, list[str], dict[str, int]]:
-    schedule = FoldedSchedule.load(out / "scheduler")
-    counts = {c: sum(1 for s in schedule.steps if s.config == c) for c in schedule.configs}
-    return schedule, schedule.configs, counts
-
-
 def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> list[Path]:
-    schedule, configs, _ = _schedule_configs(out)
     builder = EngineBuilder(settings, engines_dir / "timing.cache", import_tensorrt())
     plans = []
-    for config in configs:
-        plan = engines_dir / f"unet_{config}.plan"
-        meta = builder.build(graph_path(out / "onnx", config, "tensorrt"), plan, config,
-                             schedule.sample_shape)
+    for job in engine_jobs(out, settings.profile):
+        plan = engines_dir / job.plan_name
+        meta = builder.build(job.onnx, plan, job.config, job.shapes)
         click.echo(f"[engines] {plan.name}: TensorRT {meta['tensorrt_version']}, "
                    f"{meta['gpu']['name']} (sm {meta['gpu']['compute_capability']})")
         plans.append(plan)
@@ -47,12 +39,13 @@ def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> lis
 
 
 def build_onnxruntime(out: Path, engines_dir: Path, settings: BuildSettings) -> Path:
-    _, configs, _ = _schedule_configs(out)
     entries = {}
-    for config in configs:
-        graph = graph_path(out / "onnx", config, "cpu-fast")
+    for job in engine_jobs(out, settings.profile):
+        # the UNets run their CPU-fast graphs; the decoder and text encoder their FP32 graph
+        graph = graph_path(out / "onnx", job.config, "cpu-fast") if job.name.startswith("unet_") else job.onnx
         session = create_session(graph)  # fails here, not at sampling time, if it cannot load
-        entries[config] = {"graph": f"onnx/{graph.name}", "providers": session.get_providers()}
+        key = job.config if job.name.startswith("unet_") else job.name
+        entries[key] = {"graph": f"onnx/{graph.name}", "providers": session.get_providers()}
     doc = {"format_version": 1, "batch_profile": str(settings.profile), "engines": entries,
            "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",
                        "intra_op_threads": "all cores", "disabled_optimizers": ["QDQPropagationTransformer"]}}
@@ -69,14 +62,13 @@ def build_engines(out: Path, engines_dir: Path, backend: str, settings: BuildSet
         raise UserError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if not (out / "scheduler").is_dir() or not (out / "onnx").is_dir():
         raise UserError(f"{out} has no onnx/ and scheduler/: run `ptqd export {out}` first")
-    schedule, configs, counts = _schedule_configs(out)
     engines_dir.mkdir(parents=True, exist_ok=True)
     use_trt = backend == "tensorrt" or (backend == "auto" and tensorrt_available())
     if backend == "tensorrt":
         import_tensorrt()  # one-line UserError before anything is written
     if not use_trt or backend == "auto":
         build_onnxruntime(out, engines_dir, settings)
-    script = write_build_script(engines_dir, configs, counts, schedule.sample_shape, settings)
+    script = write_build_script(engines_dir, engine_jobs(out, settings.profile), settings)
     if use_trt:
         build_tensorrt(out, engines_dir, settings)
         return "tensorrt"

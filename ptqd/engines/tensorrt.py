@@ -13,7 +13,9 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqd.engines.profiles import BatchProfile, input_shapes
+import numpy as np
+
+from ptqd.engines.profiles import BatchProfile
 from ptqd.errors import UserError
 from ptqd.output import file_sha256
 
@@ -80,7 +82,8 @@ class EngineBuilder:
         self.timing_cache = timing_cache
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
 
-    def build(self, onnx_path: Path, plan_path: Path, config: str, sample_shape: list[int]) -> dict:
+    def build(self, onnx_path: Path, plan_path: Path, config: str, shapes: dict) -> dict:
+        """shapes: per input (min, opt, max), from profiles.input_shapes or batched_shapes."""
         trt = self.trt
         builder = trt.Builder(self.logger)
         network = builder.create_network(strongly_typed_flag(trt))
@@ -94,7 +97,6 @@ class EngineBuilder:
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
         cfg.set_timing_cache(cfg.create_timing_cache(cache_bytes), ignore_mismatch=False)
         profile = builder.create_optimization_profile()
-        shapes = input_shapes(sample_shape, self.settings.profile)
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         if cfg.add_optimization_profile(profile) < 0:
@@ -123,8 +125,10 @@ def engine_metadata(trt_version: str, onnx_path: Path, config: str, settings: Bu
             "builder_optimization_level": settings.optimization_level, "strongly_typed": True}
 
 
-class TensorRTUNet:
-    """A built plan as a sampler engine: numpy in, numpy out, device buffers via torch."""
+class TensorRTGraph:
+    """A built plan as a numpy callable: positional inputs in the engine's input order, or
+    keyword arrays through run(); one output; device buffers via torch. The VAE decoder and
+    text encoder run through this, the UNets through TensorRTUNet."""
 
     def __init__(self, plan_path: Path, trt=None):
         import torch
@@ -138,21 +142,37 @@ class TensorRTUNet:
                             "engines are specific to the TensorRT version and GPU that built them")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
-        lo, _, hi = self.engine.get_tensor_profile_shape("sample", 0)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = self.trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.inputs[0], 0)
         self.batch_range = (lo[0], hi[0])
 
-    def __call__(self, sample, timestep):
+    def run(self, **arrays) -> np.ndarray:
         torch = self.torch
-        if not self.batch_range[0] <= len(sample) <= self.batch_range[1]:
-            raise UserError(f"batch {len(sample)} is outside the engine's profile "
+        batch = len(next(iter(arrays.values())))
+        if not self.batch_range[0] <= batch <= self.batch_range[1]:
+            raise UserError(f"batch {batch} is outside the engine's profile "
                             f"{self.batch_range[0]}..{self.batch_range[1]} (rebuild with --batch)")
-        inputs = {"sample": torch.from_numpy(sample).cuda(), "timestep": torch.from_numpy(timestep).cuda()}
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])).cuda() for k in self.inputs}
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape("noise_pred")), device="cuda")
-        self.context.set_tensor_address("noise_pred", out.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda")
+        self.context.set_tensor_address(self.output, out.data_ptr())
         if not self.context.execute_async_v3(stream_handle=self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()
         return out.cpu().numpy()
+
+    def __call__(self, *arrays):
+        return self.run(**dict(zip(self.inputs, arrays)))
+
+
+class TensorRTUNet(TensorRTGraph):
+    """A UNet plan as a sampler engine; conditioning inputs (encoder_hidden_states,
+    class_labels) pass as keyword arrays."""
+
+    def __call__(self, sample, timestep, **conditioning):
+        return self.run(sample=sample, timestep=timestep, **conditioning)

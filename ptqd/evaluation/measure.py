@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqd.engines.noise import SampleNoise
-from ptqd.engines.sampler import denoise, to_images
 
 
 @dataclass
@@ -40,8 +38,8 @@ def sample_variant(out: Path, variant: Variant, num: int, seed: int, on_progress
     req = SampleRequest(out=out, model=None, num=num, seed=seed, steps=None, eta=None, batch_size=None,
                         backend="onnxruntime", npy=None, grid=None, force=False,
                         precision=variant.precision, correction=variant.correction, graph="fast")
-    schedule, engines, batch = output_sampler(req)
-    shape = tuple(schedule.sample_shape)
+    sampler = output_sampler(req)
+    batch = sampler.batch_size
     chunks = []
     started = time.perf_counter()
     for start in range(0, num, batch):
@@ -54,7 +52,7 @@ def sample_variant(out: Path, variant: Variant, num: int, seed: int, on_progress
             if on_progress:
                 on_progress(count)
 
-        chunks.append(to_images(denoise(schedule, engines, SampleNoise(seed, start, count, shape), on_step)))
+        chunks.append(sampler.chunk(seed, start, count, on_step=on_step))
     variant.seconds = time.perf_counter() - started
     variant.images = np.concatenate(chunks)
     return variant

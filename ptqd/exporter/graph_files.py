@@ -10,6 +10,15 @@ INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "noise_pred"
 
 FP_GRAPH = "unet_fp32.onnx"
+# Latent and text-conditioned models: the FP32 graphs around the UNet, and (in OUT/scheduler)
+# the tokenizer files the runtime reads.
+VAE_DECODER_GRAPH = "vae_decoder.onnx"
+TEXT_ENCODER_GRAPH = "text_encoder.onnx"
+TOKENIZER_DIR = "tokenizer"
+# their interfaces (batch axis first, dynamic), shared by the exporter, engines and Triton
+VAE_INPUT, VAE_OUTPUT = "latents", "images"               # [N, C, h, w] -> [N, 3, H, W] in [-1, 1]
+TOKENS_INPUT, TEXT_OUTPUT = "input_ids", "encoder_hidden_states"   # [N, L] int64 -> [N, L, D]
+CLASS_INPUT = "class_labels"                              # the UNet's class input, [N] int64
 GRAPH_FILES = {
     "tensorrt": "unet_{cfg}.onnx",      # TensorRT's placement, 4-bit grid in INT8 storage
     "onnxruntime": "unet_{cfg}.ort.onnx",  # same placement, INT4 storage: fake-quant's twin

@@ -18,32 +18,38 @@ NODE_PREFIX = "/unet/"
 
 
 class UNetForExport(torch.nn.Module):
-    """(sample [N,C,H,W], timestep [N] float32) -> eps; the graph's whole interface."""
+    """(sample [N,C,H,W], timestep [N] float32, *conditioning) -> eps; the graph's whole
+    interface. Conditioning inputs (encoder_hidden_states [N,L,D] or class_labels [N] int64)
+    follow in the order `names` gives, each with the batch axis first."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, names: tuple[str, ...] = ()):
         super().__init__()
-        self.unet = unet
+        self.unet, self.names = unet, names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, **dict(zip(self.names, conditioning))).sample
 
 
-def example_inputs(unet, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(unet, batch: int = 2, conditioning: dict | None = None) -> tuple[torch.Tensor, ...]:
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     sample = torch.randn(batch, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    return sample, torch.linspace(999, 1, batch)
+    extra = tuple(torch.from_numpy(v[:batch]) for v in (conditioning or {}).values())
+    return (sample, torch.linspace(999, 1, batch), *extra)
 
 
-def export_fp_onnx(unet: torch.nn.Module, path: Path) -> Path:
+def export_fp_onnx(unet: torch.nn.Module, path: Path, conditioning: dict | None = None) -> Path:
+    """The FP32 graph; `conditioning` holds example conditioning inputs (batch >= 2) for a
+    conditional UNet, and names the graph's extra inputs."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    names = tuple(conditioning or {})
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *names, OUTPUT_NAME)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(UNetForExport(unet).eval(), example_inputs(unet), str(path),
-                          input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        torch.onnx.export(UNetForExport(unet, names).eval(), example_inputs(unet, 2, conditioning), str(path),
+                          input_names=[*INPUT_NAMES, *names], output_names=[OUTPUT_NAME],
                           opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
                           do_constant_folding=True)
     onnx.checker.check_model(str(path), full_check=True)

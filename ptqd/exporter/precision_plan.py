@@ -27,6 +27,17 @@ def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
     }
 
 
+def layer_role(name: str, op: str) -> str:
+    """What a layer does in the UNet, for the plan's reader: attention projections are
+    quantized like every other Linear; cross-attention keys/values read the conditioning."""
+    leaf = name.rsplit(".", 1)[-1]
+    if ".attn2." in name and leaf in ("to_k", "to_v"):
+        return "cross-attention projection (reads the text encoder's states)"
+    if leaf in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
+        return "attention projection"
+    return "convolution" if op in CONV_OPS else "linear"
+
+
 def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto) -> dict:
     float_matmuls = sorted(n.name for n in fp_model.graph.node if n.op_type == "MatMul"
                            and n.name not in {node.name for node in nodes.values()})
@@ -34,7 +45,7 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
     for cfg, quant in sorted(params.items()):
         layers = []
         for name, node in sorted(nodes.items()):
-            entry = {"layer": name, "node": node.name, "op": node.op_type}
+            entry = {"layer": name, "node": node.name, "op": node.op_type, "role": layer_role(name, node.op_type)}
             if name in quant.layers:
                 entry.update(requested=cfg, **_storage(node.op_type, quant.config.weight_bits,
                                                        quant.config.act_bits))

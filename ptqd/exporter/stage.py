@@ -1,5 +1,6 @@
 """The export stage: OUT/calibration + the model -> OUT/onnx (FP and QDQ graphs, precision
-plan) and OUT/scheduler (the folded PTQD schedule)."""
+plan; for latent and text models the VAE decoder and text encoder in FP32) and OUT/scheduler
+(the folded PTQD schedule; pipeline.json and the tokenizer for conditional models)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ import onnx
 from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import graph_path
+from ptqd.engines.conditioning import SPEC_FILE
+from ptqd.exporter.graph_files import TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
@@ -36,17 +38,43 @@ def _save_checked(model: onnx.ModelProto, path: Path, target: str) -> None:
         raise RuntimeError(f"{path.name} fails the {target} lint: " + "; ".join(map(str, violations[:3])))
 
 
+def calibrated_spec(model, doc: dict):
+    """The PipelineSpec at the guidance scale and conditions the calibration used."""
+    from ptqd.conditions import pipeline_spec
+
+    cond = doc.get("conditioning") or {}
+    scale = cond.get("guidance_scale") if cond.get("kind", "unconditional") != "unconditional" else None
+    return pipeline_spec(model, scale, tuple(cond.get("calibration_conditions", ())))
+
+
+def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
+    """FP32 graphs of what runs around the UNet: the VAE decoder, the text encoder."""
+    from ptqd.conditions import latent_shape
+    from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
+
+    written = []
+    if model.vae is not None:
+        written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, tuple(latent_shape(model.unet))))
+    if spec.kind == "text":
+        written.append(export_text_encoder(model.text_encoder, onnx_dir / TEXT_ENCODER_GRAPH, spec.max_length))
+    return written
+
+
 def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
+    from ptqd.conditions import example_conditioning
+
     doc = load_ptqd_json(calibration_dir)
     if doc["model_sha256"] != model.source.sha256:
         raise UserError(f"{calibration_dir} was calibrated for another model (sha256 differs); "
                         "recalibrate or pass the model it was made from")
     params = load_params(calibration_dir)
+    spec = calibrated_spec(model, doc)
     onnx_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fp_path = export_fp_onnx(model.unet, graph_path(onnx_dir, "fp32", "tensorrt"))
+    fp_path = export_fp_onnx(model.unet, graph_path(onnx_dir, "fp32", "tensorrt"),
+                             example_conditioning(model, spec, 2))
     fp_model = onnx.load(str(fp_path))
-    written = [fp_path]
+    written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
     for cfg in sorted(params):
         for flavour, (storage, target) in FLAVOURS.items():
             path = graph_path(onnx_dir, cfg, flavour)
@@ -63,13 +91,23 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
 def export_scheduler(model, calibration_dir: Path, scheduler_dir: Path) -> Path:
     from ptqd.exporter.diffusers_scheduler import PTQDFoldedScheduler
 
+    from ptqd.conditions import latent_shape
+
     doc = load_ptqd_json(calibration_dir)
     configs, corrections = steps_and_corrections(doc, "mixed", correction=True)
-    size = model.unet.config.sample_size
     schedule = build_schedule(model.scheduler_config, doc["num_inference_steps"], doc["eta"],
-                              [model.unet.config.in_channels, size, size], configs, corrections)
+                              latent_shape(model.unet), configs, corrections)
     path = schedule.save(scheduler_dir)
     PTQDFoldedScheduler.from_schedule(schedule).save_pretrained(str(scheduler_dir))
+    spec = calibrated_spec(model, doc)
+    if spec.conditional or spec.latent:
+        spec.save(scheduler_dir)
+        click.echo(f"[export] {scheduler_dir.name}/{SPEC_FILE}: {spec.kind}, guidance {spec.guidance_scale:g}"
+                   + (", VAE decoder" if spec.latent else ""))
+    if spec.kind == "text":
+        from ptqd.engines.tokenizer import save_prompt_tokenizer
+
+        save_prompt_tokenizer(model.tokenizer, scheduler_dir / TOKENIZER_DIR)
     runs = ", ".join(f"{c}×{configs.count(c)}" for c in sorted(set(configs)))
     click.echo(f"[export] {scheduler_dir.name}/{path.name}: {len(configs)} steps ({runs})")
     return path

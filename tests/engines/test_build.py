@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from ptqd.engines.profiles import BatchProfile
+from ptqd.engines.profiles import BatchProfile, input_shapes
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, strongly_typed_flag
 from ptqd.errors import UserError
 from ptqd.output import file_sha256
@@ -157,7 +157,8 @@ def test_builder_with_fake_tensorrt_builds_each_config_sharing_the_timing_cache(
     trt = _fake_tensorrt("10.13.3.9", 1, calls)
     settings = BuildSettings(BatchProfile(2, 4, 16), optimization_level=5)
     builder = EngineBuilder(settings, tmp_path / "timing.cache", trt)
-    metas = [builder.build(exported / "onnx" / f"unet_{c}.onnx", tmp_path / f"unet_{c}.plan", c, [1, 16, 16])
+    shapes = input_shapes([1, 16, 16], settings.profile)
+    metas = [builder.build(exported / "onnx" / f"unet_{c}.onnx", tmp_path / f"unet_{c}.plan", c, shapes)
              for c in ("w4a8", "w8a8")]
     assert (tmp_path / "unet_w4a8.plan").read_bytes() == b"PLAN"
     assert [c for c in calls if c[0] == "network_flags"] == [("network_flags", 2)] * 2

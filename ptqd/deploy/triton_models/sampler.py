@@ -1,9 +1,14 @@
-"""Triton Python-backend model: PTQD's denoising loop over the folded schedule.
+"""Triton Python-backend model: the whole pipeline around PTQD's denoising loop: encode the
+prompt (tokenizer + text encoder) or class label, denoise over the folded schedule with
+classifier-free guidance, decode the latents (VAE decoder).
 
-Request: seed (INT64 [1]), num_images (INT32 [1]), optional first_index (INT64 [1]).
+Request: seed (INT64 [1]), num_images (INT32 [1]), optional first_index (INT64 [1]); for a
+text model optional prompt (BYTES [n]), for a class-conditional one optional class_label
+(INT64 [n]): image i of the seed uses item i % n (default: the prompts/classes it was
+calibrated with).
 Response: images (FP32 [num, C, H, W] in [0, 1]); image i of a seed is the same image that
-`ptqd sample OUT --backend onnxruntime --seed S` writes at index i (bit for bit with the
-in-process CPU-fast graphs), whatever the batch or the request split.
+`ptqd sample OUT --backend onnxruntime --seed S` (with the same prompts or classes) writes at
+index i (bit for bit with the in-process CPU-fast graphs), whatever the batch.
 
 Config parameters: `unets` is "bls" (each step calls the configuration's UNet model, a
 TensorRT plan or its onnxruntime stand-in, through Business Logic Scripting) or "in-process"
@@ -21,28 +26,45 @@ sys.dont_write_bytecode = True  # for the runtime modules (the stub ignores PYTH
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from ptqd.engines.sampler import MinBatch, generate  # noqa: E402
-from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME  # noqa: E402
+from ptqd.engines.conditioning import PipelineSpec, guided_batch, runtime_conditioner  # noqa: E402
+from ptqd.engines.sampler import MinBatch, Sampler  # noqa: E402
+from ptqd.exporter.graph_files import (INPUT_NAMES, OUTPUT_NAME, TEXT_ENCODER_GRAPH, TEXT_OUTPUT,  # noqa: E402
+                                       TOKENIZER_DIR, TOKENS_INPUT, VAE_DECODER_GRAPH, VAE_INPUT, VAE_OUTPUT,
+                                       graph_path)
 from ptqd.exporter.schedule import FoldedSchedule  # noqa: E402
 
+DTYPES = {"float32": np.float32, "int64": np.int64}
 
-class BlsUNet:
-    """One configuration's UNet model, called per step from inside execute()."""
 
-    def __init__(self, model_name: str):
-        self.model_name = model_name
+class BlsModel:
+    """Another model of the repository (a UNet, the VAE decoder, the text encoder), called
+    from inside execute(). `inputs` are its (name, dtype, per-sample dims); a per-sample
+    scalar is sent as [batch, 1], as its config's `reshape: []` expects."""
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
-        inputs = [pb_utils.Tensor(INPUT_NAMES[0], np.ascontiguousarray(sample, dtype=np.float32)),
-                  pb_utils.Tensor(INPUT_NAMES[1], timestep.astype(np.float32).reshape(-1, 1))]
+    def __init__(self, model_name: str, inputs: list, output: str):
+        self.model_name, self.inputs, self.output = model_name, inputs, output
+
+    def run(self, **arrays) -> np.ndarray:
+        tensors = []
+        for name, dtype, dims in self.inputs:
+            array = np.ascontiguousarray(arrays[name], dtype=DTYPES[dtype])
+            tensors.append(pb_utils.Tensor(name, array if dims else array.reshape(-1, 1)))
         request = pb_utils.InferenceRequest(
-            model_name=self.model_name, inputs=inputs, requested_output_names=[OUTPUT_NAME],
+            model_name=self.model_name, inputs=tensors, requested_output_names=[self.output],
             # a TensorRT model answers in GPU memory otherwise, which as_numpy() refuses
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{self.model_name}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME).as_numpy()
+        return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()
+
+    def __call__(self, *arrays) -> np.ndarray:
+        return self.run(**{name: a for (name, _, _), a in zip(self.inputs, arrays)})
+
+
+class BlsUNet(BlsModel):
+    def __call__(self, sample, timestep, **conditioning):
+        return self.run(sample=sample, timestep=timestep, **conditioning)
 
 
 def _scalar(request, name, default=None):
@@ -57,24 +79,52 @@ def _scalar(request, name, default=None):
     return int(values[0])
 
 
+def _conditions(request, spec: PipelineSpec) -> list:
+    """The request's prompts or class labels ([] = the calibrated defaults)."""
+    name = {"text": "prompt", "class": "class_label"}.get(spec.kind)
+    tensor = pb_utils.get_input_tensor_by_name(request, name) if name else None
+    if tensor is None:
+        return []
+    values = tensor.as_numpy().reshape(-1)
+    if spec.kind == "text":
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    return [int(v) for v in values]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.schedule = FoldedSchedule.load(HERE)
-        self.batch = int(params["batch"])
+        self.spec = PipelineSpec.load(HERE)
+        # a guided image takes two UNet samples: chunks of half the UNets' batch
+        self.batch = guided_batch(int(params["batch"]), self.spec)
         self.max_images = int(params["max_images"])
         if params["unets"] == "bls":
-            # a TensorRT profile may start above 1; Triton rejects smaller batches, so pad them
-            min_batch = int(params.get("min_batch", "1"))
-            self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}"), min_batch) for cfg in self.schedule.configs}
+            self._bls_engines(int(params.get("min_batch", "1")))
         else:
-            from ptqd.engines.onnxruntime import OnnxRuntimeUNet
-            from ptqd.exporter.graph_files import graph_path
+            self._in_process_engines(int(params["threads"]))
 
-            threads = int(params["threads"])
-            self.engines = {cfg: OnnxRuntimeUNet(graph_path(HERE / "onnx", cfg, "cpu-fast"), threads)
-                            for cfg in self.schedule.configs}
+    def _bls_engines(self, min_batch: int):
+        shape = self.schedule.sample_shape
+        unet_inputs = [(INPUT_NAMES[0], "float32", shape), (INPUT_NAMES[1], "float32", [])]
+        unet_inputs += [(c["name"], c["dtype"], c["dims"]) for c in self.spec.unet_inputs]
+        # a TensorRT profile may start above 1; Triton rejects smaller batches, so pad them
+        self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}", unet_inputs, OUTPUT_NAME), min_batch)
+                        for cfg in self.schedule.configs}
+        decoder = BlsModel("vae_decoder", [(VAE_INPUT, "float32", shape)], VAE_OUTPUT)
+        encoder = BlsModel("text_encoder", [(TOKENS_INPUT, "int64", [self.spec.max_length])], TEXT_OUTPUT)
+        self.decoder = MinBatch(decoder, min_batch) if self.spec.latent else None
+        self.text_encoder = MinBatch(encoder, min_batch) if self.spec.kind == "text" else None
+
+    def _in_process_engines(self, threads: int):
+        from ptqd.engines.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
+
+        self.engines = {cfg: OnnxRuntimeUNet(graph_path(HERE / "onnx", cfg, "cpu-fast"), threads)
+                        for cfg in self.schedule.configs}
+        self.decoder = OnnxRuntimeGraph(HERE / "onnx" / VAE_DECODER_GRAPH, threads) if self.spec.latent else None
+        self.text_encoder = (OnnxRuntimeGraph(HERE / "onnx" / TEXT_ENCODER_GRAPH, threads)
+                             if self.spec.kind == "text" else None)
 
     def _run(self, request):
         seed = _scalar(request, "seed")
@@ -84,7 +134,10 @@ class TritonPythonModel:
             raise ValueError("seed and first_index must be >= 0")
         if not 1 <= num <= self.max_images:
             raise ValueError(f"num_images must be in 1..{self.max_images}, got {num}")
-        images = generate(self.schedule, self.engines, num, seed, self.batch, first_index=first)
+        conditioner = runtime_conditioner(self.spec, _conditions(request, self.spec), HERE / TOKENIZER_DIR,
+                                          self.text_encoder)
+        sampler = Sampler(self.schedule, self.engines, self.batch, conditioner, self.decoder)
+        images = sampler.generate(num, seed, first_index=first)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)])
 
     def execute(self, requests):

@@ -1,0 +1,136 @@
+"""Prompt -> token ids at serving time, identical to what Stable Diffusion's pipeline feeds its
+text encoder.
+
+diffusers' StableDiffusionPipeline tokenizes with
+
+    tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+              truncation=True).input_ids
+
+PromptTokenizer reproduces that with the `tokenizers` package alone (plus numpy), because
+it runs inside the Triton Python backend, whose environment has neither torch nor
+transformers. The transformers side (save_prompt_tokenizer) runs at export time: it copies
+the CLIP tokenizer's backend (transformers 5 keeps a `tokenizers.Tokenizer` behind every
+CLIPTokenizer) to tokenizer.json and records in tokenizer_settings.json the padding and
+truncation that transformers applies per call rather than storing in the backend.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "tokenizer_settings.json"
+SETTINGS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What transformers passes to the backend on each call (set_truncation_and_padding)."""
+    max_length: int
+    pad_token_id: int
+    pad_token: str
+    pad_type_id: int = 0
+    padding_side: str = "right"
+    truncation_side: str = "right"
+    # transformers' split_special_tokens: False means "<|endoftext|>" typed in a prompt is
+    # the special token, not the characters.
+    split_special_tokens: bool = False
+    format: int = SETTINGS_FORMAT
+
+    @classmethod
+    def read(cls, path: Path) -> TokenizerSettings:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != SETTINGS_FORMAT:
+            raise ValueError(f"{path}: unsupported tokenizer settings format {data.get('format')!r} "
+                             f"(expected {SETTINGS_FORMAT})")
+        return cls(**data)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+def configure(tokenizer, settings: TokenizerSettings):
+    """Fix the backend's truncation and padding to a constant [max_length] per prompt.
+
+    Truncation counts the BOS/EOS the post-processor adds, like transformers' truncation=True
+    ("longest_first"), so an over-long prompt keeps its EOS as the last id.
+    """
+    tokenizer.enable_truncation(max_length=settings.max_length, stride=0, strategy="longest_first",
+                                direction=settings.truncation_side)
+    tokenizer.enable_padding(direction=settings.padding_side, pad_id=settings.pad_token_id,
+                             pad_type_id=settings.pad_type_id, pad_token=settings.pad_token,
+                             length=settings.max_length, pad_to_multiple_of=None)
+    tokenizer.encode_special_tokens = settings.split_special_tokens
+    return tokenizer
+
+
+class PromptTokenizer:
+    """Callable: list of prompts -> int64 token ids [N, max_length]."""
+
+    def __init__(self, tokenizer, settings: TokenizerSettings):
+        self.settings = settings
+        self.tokenizer = configure(tokenizer, settings)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> PromptTokenizer:
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        settings = TokenizerSettings.read(folder / SETTINGS_FILE)
+        return cls(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), settings)
+
+    @property
+    def max_length(self) -> int:
+        return self.settings.max_length
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        # A bare string would be tokenized as a batch of its characters: refuse it outright.
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("PromptTokenizer expects a list of prompt strings")
+        if len(prompts) == 0:
+            return np.zeros((0, self.max_length), dtype=np.int64)
+        encodings = self.tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        if ids.shape != (len(prompts), self.max_length):
+            raise ValueError(f"tokenizer produced ids of shape {ids.shape}, expected "
+                             f"{(len(prompts), self.max_length)}")
+        return ids
+
+
+def save_prompt_tokenizer(hf_tokenizer, folder: Path, max_length: int | None = None) -> Path:
+    """Write tokenizer.json + tokenizer_settings.json for PromptTokenizer from a transformers
+    (fast, i.e. tokenizers-backed) CLIP tokenizer; max_length defaults to its model_max_length.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise TypeError(f"{type(hf_tokenizer).__name__} has no tokenizers backend to save")
+    settings = settings_of(hf_tokenizer, max_length)
+    # A copy through JSON: configuring padding on the live backend would change the caller's
+    # tokenizer for every later call that does not pass padding itself.
+    copy = configure(Tokenizer.from_str(backend.to_str()), settings)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copy.save(str(folder / TOKENIZER_FILE))
+    settings.write(folder / SETTINGS_FILE)
+    return folder
+
+
+def settings_of(hf_tokenizer, max_length: int | None = None) -> TokenizerSettings:
+    length = max_length if max_length is not None else hf_tokenizer.model_max_length
+    # transformers uses a huge sentinel (int(1e30)) for "no limit"; SD always has a real one.
+    if not isinstance(length, int) or not 0 < length <= 1_000_000:
+        raise ValueError(f"tokenizer has no usable model_max_length ({length!r}); pass max_length")
+    if hf_tokenizer.pad_token_id is None:
+        raise ValueError(f"{type(hf_tokenizer).__name__} has no pad token; padding to max_length needs one")
+    return TokenizerSettings(
+        max_length=length, pad_token_id=int(hf_tokenizer.pad_token_id), pad_token=str(hf_tokenizer.pad_token),
+        pad_type_id=int(hf_tokenizer.pad_token_type_id), padding_side=hf_tokenizer.padding_side,
+        truncation_side=hf_tokenizer.truncation_side,
+        split_special_tokens=bool(getattr(hf_tokenizer, "split_special_tokens", False)),
+    )
