@@ -69,6 +69,7 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
                 problems.append(f"scheduler/ptqd_schedule.json: step {s_cal['index']} k {s_table['k']} "
                                 f"!= calibration's {s_cal['k']}")
                 break
+    problems += _check_pipeline_spec(out, doc)
     engines = _load_json(out, f"engines/{ORT_MANIFEST}", problems)
     if engines is not None and sorted(k for k in engines.get("engines", {}) if k not in EXTRA_ENGINES) != scheduled:
         problems.append(f"engines/{ORT_MANIFEST}: engines for {sorted(engines['engines'])}, "
@@ -129,6 +130,27 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
         else:
             problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
     return problems + _check_triton_extras(out, configs, unets)
+
+
+def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
+    """A conditional / latent model's pipeline.json against the calibration and the graphs."""
+    from ptqd.engines.conditioning import SPEC_FILE
+
+    problems: list[str] = []
+    spec = _load_json(out, f"scheduler/{SPEC_FILE}", problems)
+    cond = doc.get("conditioning") or {}
+    if spec is None:
+        kind = cond.get("kind", "unconditional")
+        if problems or kind == "unconditional" or not (out / "scheduler").is_dir():
+            return problems
+        return [f"scheduler/{SPEC_FILE}: missing, calibration/ptqd.json is for a {kind}-conditioned model"]
+    if spec.get("guidance_scale") != cond.get("guidance_scale", 1.0):
+        problems.append(f"scheduler/{SPEC_FILE}: guidance scale {spec.get('guidance_scale')} differs from the "
+                        f"{cond.get('guidance_scale')} calibration/ptqd.json was calibrated with")
+    needed = (["vae_decoder.onnx"] if spec.get("latent") else []) + (["text_encoder.onnx"] if spec.get("kind") == "text" else [])
+    problems += [f"onnx/{name}: missing, scheduler/{SPEC_FILE} needs it" for name in needed
+                 if (out / "onnx").is_dir() and not (out / "onnx" / name).is_file()]
+    return problems
 
 
 def _check_triton_extras(out: Path, configs: dict, unets: str) -> list[str]:

@@ -200,3 +200,17 @@ def test_conditioning_options_on_the_wrong_model_are_one_line_and_write_nothing(
     assert_user_error(run_cli("--model", doc["model"], "--guidance-scale", "0.5", "--output", str(target),
                               entry="export-trt"), "at least 1")
     assert not target.exists()
+
+
+def test_verify_names_a_pipeline_json_that_disagrees_with_calibration(tiny_class_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_class_export, out)
+    spec_path = out / "scheduler" / "pipeline.json"
+    doc = json.loads(spec_path.read_text())
+    doc["guidance_scale"] = 5.0
+    spec_path.write_text(json.dumps(doc))
+    result = run_cli("verify", str(out))
+    assert result.returncode != 0
+    assert "guidance scale 5.0 differs" in result.stdout + result.stderr

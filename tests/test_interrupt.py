@@ -25,8 +25,11 @@ def test_interrupted_export_keeps_the_previous_output(exported, tmp_path, sig):
     shutil.copytree(exported, out)
     before = (out / "manifest.json").read_bytes()
     script = Path(sys.executable).parent / "export-trt"
+    # SIGINT as a foreground process gets it: a test run started as a background job inherits
+    # SIGINT ignored, and so would the export (the shell's rule for background jobs)
     proc = subprocess.Popen([str(script), *ARGS, "--output", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not _leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

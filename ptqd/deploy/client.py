@@ -52,19 +52,24 @@ def request_images(url: str, num: int, seed: int, first_index: int = 0, protocol
     host, _, port = url.rpartition(":")
     if "://" in url or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"--url {url!r}: give host:port without a scheme, e.g. 127.0.0.1:8000")
+    inputs = _inputs(module, seed, num, first_index, prompts, classes)
+    outputs = [module.InferRequestedOutput(SAMPLER_OUTPUT)]
+    client = None
     try:
         if protocol == "http":
             client = module.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
-            result = client.infer(model, _inputs(module, seed, num, first_index, prompts, classes),
-                                  outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)])
+            result = client.infer(model, inputs, outputs=outputs)
         else:
             client = module.InferenceServerClient(url)
-            result = client.infer(model, _inputs(module, seed, num, first_index, prompts, classes),
-                                  outputs=[module.InferRequestedOutput(SAMPLER_OUTPUT)], client_timeout=timeout)
+            result = client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
     except InferenceServerException as exc:
         raise UserError(f"{url}: {exc.message() or exc}") from None
     except (ConnectionError, OSError, ValueError) as exc:  # ValueError: a port out of range
         raise UserError(f"cannot reach a Triton server at {url} ({exc})") from None
+    finally:
+        # an open connection holds a stopping server for its 30 s exit timeout
+        if client is not None:
+            client.close()
     images = result.as_numpy(SAMPLER_OUTPUT)
     if images is None or images.shape[0] != num:
         raise UserError(f"{url}: the server answered without {num} images")

@@ -14,6 +14,7 @@ are measured on this guided eps (PTQD.md §2), so the folded corrections apply t
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -160,6 +161,12 @@ def runtime_conditioner(spec: PipelineSpec, conditions: Sequence, tokenizer_dir:
         return None
     if spec.kind == "class":
         return Conditioner(spec, items)
+    return Conditioner(spec, items, _prompt_tokenizer(str(tokenizer_dir)), text_encoder)
+
+
+@functools.lru_cache(maxsize=4)
+def _prompt_tokenizer(folder: str):
+    """Loaded once per process: the Triton sampler builds a conditioner per request."""
     from ptqd.engines.tokenizer import PromptTokenizer
 
-    return Conditioner(spec, items, PromptTokenizer.from_folder(tokenizer_dir), text_encoder)
+    return PromptTokenizer.from_folder(Path(folder))
