@@ -214,3 +214,16 @@ def test_verify_names_a_pipeline_json_that_disagrees_with_calibration(tiny_class
     result = run_cli("verify", str(out))
     assert result.returncode != 0
     assert "guidance scale 5.0 differs" in result.stdout + result.stderr
+
+
+def test_a_guided_model_is_not_deployed_on_engines_that_take_one_sample(tiny_class_export, tmp_path):
+    """Guidance needs two UNet samples per image: a batch profile of 1 would fail every request."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_class_export, out)
+    result = run_cli("build", str(out), "--batch", "1,1,1", "--force")
+    assert result.returncode == 0, result.stderr
+    before = sorted(p.name for p in (out / "triton").iterdir())
+    assert_user_error(run_cli("deploy", str(out), "--force"), "cannot take one guided image")
+    assert sorted(p.name for p in (out / "triton").iterdir()) == before
