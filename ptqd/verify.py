@@ -147,7 +147,8 @@ def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
     if spec.get("guidance_scale") != cond.get("guidance_scale", 1.0):
         problems.append(f"scheduler/{SPEC_FILE}: guidance scale {spec.get('guidance_scale')} differs from the "
                         f"{cond.get('guidance_scale')} calibration/ptqd.json was calibrated with")
-    needed = (["vae_decoder.onnx"] if spec.get("latent") else []) + (["text_encoder.onnx"] if spec.get("kind") == "text" else [])
+    parts = (["vae_decoder"] if spec.get("latent") else []) + (["text_encoder"] if spec.get("kind") == "text" else [])
+    needed = [f"{p}.onnx" for p in parts] + (["vae_decoder.fp16.onnx"] if spec.get("latent") else [])
     problems += [f"onnx/{name}: missing, scheduler/{SPEC_FILE} needs it" for name in needed
                  if (out / "onnx").is_dir() and not (out / "onnx" / name).is_file()]
     return problems

@@ -20,7 +20,6 @@ from ptqd.engines.jobs import engine_jobs
 from ptqd.engines.onnxruntime import create_session
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, import_tensorrt, tensorrt_available
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import graph_path
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ORT_MANIFEST = "onnxruntime.json"
@@ -41,8 +40,7 @@ def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> lis
 def build_onnxruntime(out: Path, engines_dir: Path, settings: BuildSettings) -> Path:
     entries = {}
     for job in engine_jobs(out, settings.profile):
-        # the UNets run their CPU-fast graphs; the decoder and text encoder their FP32 graph
-        graph = graph_path(out / "onnx", job.config, "cpu-fast") if job.name.startswith("unet_") else job.onnx
+        graph = job.cpu_onnx
         session = create_session(graph)  # fails here, not at sampling time, if it cannot load
         key = job.config if job.name.startswith("unet_") else job.name
         entries[key] = {"graph": f"onnx/{graph.name}", "providers": session.get_providers()}

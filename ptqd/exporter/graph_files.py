@@ -14,6 +14,9 @@ FP_GRAPH = "unet_fp32.onnx"
 # the tokenizer files the runtime reads.
 VAE_DECODER_GRAPH = "vae_decoder.onnx"
 TEXT_ENCODER_GRAPH = "text_encoder.onnx"
+# the FP16 copy of the VAE decoder (same float32 interface) that TensorRT builds: a strongly
+# typed build takes the graph's precision, so the FP32 graph would make an FP32 engine
+FP16_GRAPH = "{name}.fp16.onnx"
 TOKENIZER_DIR = "tokenizer"
 # their interfaces (batch axis first, dynamic), shared by the exporter, engines and Triton
 VAE_INPUT, VAE_OUTPUT = "latents", "images"               # [N, C, h, w] -> [N, 3, H, W] in [-1, 1]

@@ -2,11 +2,17 @@
 ids -> the UNet's cross-attention states) and the VAE decoder (latents -> images).
 
 Only the UNet is quantized; these two run once per image rather than once per step, so
-they ship in float32. Same exporter settings as the UNet's graph (onnx_fp): TorchScript
+they ship in float: FP32, and for TensorRT an FP16 copy of the VAE decoder, the heavy one
+(strongly typed builds take their precision from the graph, so an FP16 engine needs FP16
+weights and math in the graph itself); the copy keeps float32 input and output, so every
+runtime calls it the same way. The text encoder stays FP32 everywhere: traced in half,
+transformers' CLIP mixes float32 into its residual stream (a float32 LayerNormalization input
+with FP16 scale, which ONNX rejects), and it runs once per prompt batch. Same exporter settings as the UNet's graph (onnx_fp): TorchScript
 exporter, opset 21, dynamic batch, one self-contained file, checked in full after writing.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -39,7 +45,12 @@ class VaeDecoderForExport(torch.nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        dtype = next(self.vae.parameters()).dtype   # FP16 copy: cast in, compute in FP16, cast out
+        return self.vae.decode((latents / self.scaling_factor).to(dtype), return_dict=False)[0].float()
+
+
+def _half(module: torch.nn.Module, half: bool) -> torch.nn.Module:
+    return copy.deepcopy(module).half() if half else module
 
 
 def export_text_encoder(text_encoder, path: Path, max_length: int) -> Path:
@@ -56,11 +67,12 @@ def export_text_encoder(text_encoder, path: Path, max_length: int) -> Path:
     return path
 
 
-def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int]) -> Path:
+def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], half: bool = False) -> Path:
     """Write the VAE decoder as ONNX: `latents` float32 [batch, *latent_shape] ->
-    `images` float32 [batch, 3, H, W], in [-1, 1] (the caller maps to [0, 1])."""
+    `images` float32 [batch, 3, H, W], in [-1, 1] (the caller maps to [0, 1]); half: FP16
+    weights and math."""
     latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))
-    _export(VaeDecoderForExport(vae).eval(), (latents,), path, VAE_INPUT, VAE_OUTPUT)
+    _export(VaeDecoderForExport(_half(vae, half)).eval(), (latents,), path, VAE_INPUT, VAE_OUTPUT)
     return path
 
 

@@ -14,7 +14,7 @@ from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
 from ptqd.engines.conditioning import SPEC_FILE
-from ptqd.exporter.graph_files import TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path
+from ptqd.exporter.graph_files import FP16_GRAPH, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
@@ -54,7 +54,10 @@ def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
 
     written = []
     if model.vae is not None:
-        written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, tuple(latent_shape(model.unet))))
+        shape = tuple(latent_shape(model.unet))
+        written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, shape))
+        # the copy TensorRT builds (FP32 stays for ONNX Runtime, whose CPU kernels are FP32)
+        written.append(export_vae_decoder(model.vae, onnx_dir / FP16_GRAPH.format(name="vae_decoder"), shape, half=True))
     if spec.kind == "text":
         written.append(export_text_encoder(model.text_encoder, onnx_dir / TEXT_ENCODER_GRAPH, spec.max_length))
     return written
