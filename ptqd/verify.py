@@ -97,7 +97,9 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
     """Every config.pbtxt as Triton parses it; the repository runs the schedule, graphs and
     plans that the other stages hold (a rebuild without a redeploy shows up here)."""
     from ptqd.deploy.model_config import CONFIG_FILE, parse_config
-    from ptqd.deploy.repository import SAMPLER, unet_model_name
+    from ptqd.deploy.repository import SAMPLER, model_files
+    from ptqd.engines.conditioning import SPEC_FILE
+    from ptqd.exporter.graph_files import TOKENIZER_DIR
     from ptqd.exporter.schedule import SCHEDULE_FILE
 
     problems, configs = [], {}
@@ -116,20 +118,18 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
     version = out / "triton" / SAMPLER / "1"
     problems += _same_file(out, version / SCHEDULE_FILE, out / "scheduler" / SCHEDULE_FILE)
     unets = sampler.parameters["unets"].string_value if "unets" in sampler.parameters else ""
-    for cfg in scheduled:
-        graph = graph_path(out / "onnx", cfg, "cpu-fast")
+    spec = _load_json(out, f"scheduler/{SPEC_FILE}", []) or {}   # unreadable: _check_pipeline_spec says so
+    problems += _same_triton_copies(out, version, SPEC_FILE, TOKENIZER_DIR)
+    for name, (plan, graph) in model_files(out, scheduled, spec.get("latent", False), spec.get("kind") == "text").items():
         if unets == "in-process":
             problems += _same_file(out, version / "onnx" / graph.name, graph)
-            continue
-        name = unet_model_name(cfg)
-        if name not in configs:
-            problems.append(f"triton/{name}: missing, the schedule runs {cfg}")
+        elif name not in configs:
+            problems.append(f"triton/{name}: missing, the pipeline runs onnx/{graph.name}")
         elif configs[name].platform == "tensorrt_plan":
-            problems += _same_file(out, out / "triton" / name / "1" / "model.plan",
-                                   out / "engines" / f"unet_{cfg}.plan")
+            problems += _same_file(out, out / "triton" / name / "1" / "model.plan", plan)
         else:
             problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
-    return problems + _check_triton_extras(out, configs, unets)
+    return problems
 
 
 def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
@@ -154,29 +154,13 @@ def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
     return problems
 
 
-def _check_triton_extras(out: Path, configs: dict, unets: str) -> list[str]:
-    """A latent / text model's decoder and encoder, and its pipeline.json, as the repository holds them."""
-    from ptqd.deploy.repository import SAMPLER
-    from ptqd.engines.conditioning import SPEC_FILE
-
+def _same_triton_copies(out: Path, version: Path, spec_file: str, tokenizer_dir: str) -> list[str]:
+    """A conditional / latent model's pipeline.json and tokenizer, as the sampler model holds them."""
     problems = []
-    version = out / "triton" / SAMPLER / "1"
-    if (out / "scheduler" / SPEC_FILE).is_file():
-        problems += _same_file(out, version / SPEC_FILE, out / "scheduler" / SPEC_FILE)
-    for f in sorted((out / "scheduler" / "tokenizer").glob("*")):
-        problems += _same_file(out, version / "tokenizer" / f.name, f)
-    for name in EXTRA_ENGINES:
-        graph = out / "onnx" / f"{name}.onnx"
-        if not graph.is_file():
-            continue
-        if unets == "in-process":
-            problems += _same_file(out, version / "onnx" / graph.name, graph)
-        elif name not in configs:
-            problems.append(f"triton/{name}: missing, the pipeline runs onnx/{graph.name}")
-        elif configs[name].platform == "tensorrt_plan":
-            problems += _same_file(out, out / "triton" / name / "1" / "model.plan", out / "engines" / f"{name}.plan")
-        else:
-            problems += _same_file(out, out / "triton" / name / "1" / "model.onnx", graph)
+    if (out / "scheduler" / spec_file).is_file():
+        problems += _same_file(out, version / spec_file, out / "scheduler" / spec_file)
+    for f in sorted((out / "scheduler" / tokenizer_dir).glob("*")):
+        problems += _same_file(out, version / tokenizer_dir / f.name, f)
     return problems
 
 

@@ -41,7 +41,7 @@ def chunk_engine(unet, conditioner, start: int, count: int):
     from ptqd.calibration.fakequant import TorchUNetEngine
 
     engine = TorchUNetEngine(unet)
-    return engine if conditioner is None else conditioner.engines_for({"": engine}, start, count)[""]
+    return engine if conditioner is None else conditioner.guided(engine, start, count)
 
 
 def sample_torch_fp(unet, scheduler_config: dict, steps: int, eta: float, num: int, seed: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ptqd.engines.profiles import BatchProfile
-from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME
+from ptqd.exporter.graph_files import Interface, Tensor
 
 CONFIG_FILE = "config.pbtxt"
 SAMPLER_INPUTS = {"seed": "TYPE_INT64", "num_images": "TYPE_INT32", "first_index": "TYPE_INT64"}
@@ -48,18 +48,7 @@ def write_config(model_dir: Path, config) -> Path:
     return path
 
 
-# A model's tensors: (name, numpy dtype name, per-sample dims). A per-sample scalar (timestep,
-# class label) has dims []: Triton's per-request shape must have a dim, so clients send
-# [batch, 1] and `reshape: []` hands the engine [batch].
-Tensor = tuple[str, str, list[int]]
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
-
-
-def unet_io(sample_shape: list[int], conditioning: list[dict] = ()) -> tuple[list[Tensor], list[Tensor]]:
-    """The UNet graph's interface: sample, timestep, then a conditional model's inputs."""
-    inputs = [(INPUT_NAMES[0], "float32", list(sample_shape)), (INPUT_NAMES[1], "float32", [])]
-    inputs += [(c["name"], c["dtype"], list(c["dims"])) for c in conditioning]
-    return inputs, [(OUTPUT_NAME, "float32", list(sample_shape))]
 
 
 def _io(config, inputs: list[Tensor], outputs: list[Tensor]) -> None:
@@ -78,7 +67,7 @@ def _batched(config, profile: BatchProfile) -> None:
         config.dynamic_batching.preferred_batch_size.extend([profile.opt, profile.max])
 
 
-def tensorrt_model(name: str, io: tuple[list[Tensor], list[Tensor]], profile: BatchProfile):
+def tensorrt_model(name: str, io: Interface, profile: BatchProfile):
     """A TensorRT engine served by Triton's TensorRT backend from 1/model.plan."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, platform="tensorrt_plan", default_model_filename="model.plan")
@@ -93,7 +82,7 @@ def _parameters(config, values: dict[str, str]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def onnxruntime_model(name: str, io: tuple[list[Tensor], list[Tensor]], profile: BatchProfile, threads: int):
+def onnxruntime_model(name: str, io: Interface, profile: BatchProfile, threads: int):
     """A graph run by onnxruntime inside a Python-backend model (1/model.onnx): the TensorRT
     model's stand-in where Triton has no TensorRT backend, called the same way."""
     pb, _ = _schema()

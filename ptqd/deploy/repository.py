@@ -24,8 +24,8 @@ import click
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
 from ptqd.engines.conditioning import SPEC_FILE, PipelineSpec
-from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TEXT_OUTPUT, TOKENIZER_DIR, TOKENS_INPUT,
-                                       VAE_DECODER_GRAPH, VAE_INPUT, VAE_OUTPUT, graph_path)
+from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path,
+                                       text_encoder_io, unet_io, vae_decoder_io)
 from ptqd.exporter.schedule import SCHEDULE_FILE, FoldedSchedule
 from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
@@ -75,22 +75,27 @@ def engine_profile(out: Path) -> BatchProfile:
     return profile
 
 
+def model_files(out: Path, configs: list[str], latent: bool, text: bool) -> dict[str, tuple[Path, Path]]:
+    """Every model that runs a graph, by Triton model name: (its plan, the graph ONNX Runtime
+    runs without TensorRT: the UNets' CPU-fast graphs, the decoder's and encoder's FP32 ones)."""
+    files = {unet_model_name(cfg): (out / "engines" / f"unet_{cfg}.plan", graph_path(out / "onnx", cfg, "cpu-fast"))
+             for cfg in configs}
+    if latent:
+        files["vae_decoder"] = (out / "engines" / "vae_decoder.plan", out / "onnx" / VAE_DECODER_GRAPH)
+    if text:
+        files["text_encoder"] = (out / "engines" / "text_encoder.plan", out / "onnx" / TEXT_ENCODER_GRAPH)
+    return files
+
+
 def graph_models(out: Path, schedule: FoldedSchedule, spec: PipelineSpec) -> dict[str, tuple]:
-    """Every model that runs a graph, by Triton model name: (plan, CPU graph, interface).
-    The UNets run their CPU-fast graph without TensorRT; the decoder and encoder their FP32 one."""
-    models = {}
-    for cfg in schedule.configs:
-        models[unet_model_name(cfg)] = (out / "engines" / f"unet_{cfg}.plan", graph_path(out / "onnx", cfg, "cpu-fast"),
-                                        model_config.unet_io(schedule.sample_shape, spec.unet_inputs))
+    """model_files with each model's interface: name -> (plan, CPU graph, (inputs, outputs))."""
+    files = model_files(out, schedule.configs, spec.latent, spec.kind == "text")
+    io = {name: unet_io(schedule.sample_shape, spec.unet_inputs) for name in files}
     if spec.latent:
-        models["vae_decoder"] = (out / "engines" / "vae_decoder.plan", out / "onnx" / VAE_DECODER_GRAPH,
-                                 ([(VAE_INPUT, "float32", schedule.sample_shape)],
-                                  [(VAE_OUTPUT, "float32", spec.image_shape)]))
+        io["vae_decoder"] = vae_decoder_io(schedule.sample_shape, spec.image_shape)
     if spec.kind == "text":
-        hidden = spec.unet_inputs[0]["dims"]
-        models["text_encoder"] = (out / "engines" / "text_encoder.plan", out / "onnx" / TEXT_ENCODER_GRAPH,
-                                  ([(TOKENS_INPUT, "int64", [spec.max_length])], [(TEXT_OUTPUT, "float32", hidden)]))
-    return models
+        io["text_encoder"] = text_encoder_io(spec.max_length, spec.unet_inputs[0]["dims"])
+    return {name: (*paths, io[name]) for name, paths in files.items()}
 
 
 def resolve_unets(out: Path, models: dict[str, tuple], unets: str) -> str:

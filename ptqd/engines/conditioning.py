@@ -25,7 +25,6 @@ import numpy as np
 from ptqd.exporter.graph_files import CLASS_INPUT, TEXT_OUTPUT, TOKENS_INPUT  # noqa: F401 (re-exported)
 
 SPEC_FILE = "pipeline.json"
-KINDS = ("unconditional", "class", "text")
 # the UNet's conditioning inputs: class labels, or the text encoder's output
 TEXT_INPUT = TEXT_OUTPUT
 
@@ -136,9 +135,12 @@ class Conditioner:
         self._cache[start, count] = self.inputs(items), self.inputs([null] * count)
         return self._cache[start, count]
 
+    def guided(self, engine, start: int, count: int) -> Guided:
+        """`engine` as a (sample, timestep) engine for images start .. start+count-1."""
+        return Guided(engine, *self.chunk_inputs(start, count), self.spec.guidance_scale)
+
     def engines_for(self, engines: Mapping, start: int, count: int) -> dict:
-        cond, uncond = self.chunk_inputs(start, count)
-        return {cfg: Guided(e, cond, uncond, self.spec.guidance_scale) for cfg, e in engines.items()}
+        return {cfg: self.guided(e, start, count) for cfg, e in engines.items()}
 
 
 def guided_batch(batch: int, spec: PipelineSpec) -> int:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from ptqd.errors import UserError
 
-INPUTS = ("sample", "timestep")
-
 
 @dataclass(frozen=True)
 class BatchProfile:

@@ -58,17 +58,12 @@ def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: 
     return x
 
 
-def to_images(x: np.ndarray) -> np.ndarray:
-    """Model scale [-1, 1] -> images in [0, 1], as diffusers' pipelines do."""
-    return decode_images(x, None)
-
-
 def sample_chunk(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], seed: int, first_index: int,
                  start: int, count: int, on_step: Callable[[int, np.ndarray], None] | None = None,
                  conditioner: Conditioner | None = None, decoder=None) -> np.ndarray:
     """Images start .. start+count-1 of a request whose first image is sample first_index of
     `seed`: conditioned (and guided) as the conditioner says, decoded by the VAE decoder if any.
-    Image i of the seed gets noise (seed, i) and condition i % count, whatever the request."""
+    Image i of the seed gets noise (seed, i) and conditions[i % n], whatever the request."""
     noise = SampleNoise(seed, first_index + start, count, tuple(schedule.sample_shape))
     if conditioner is not None:
         engines = conditioner.engines_for(engines, first_index + start, count)

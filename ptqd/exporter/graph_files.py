@@ -33,3 +33,27 @@ def graph_path(onnx_dir: Path, cfg: str, flavour: str) -> Path:
     if cfg == "fp32":
         return onnx_dir / FP_GRAPH
     return onnx_dir / GRAPH_FILES[flavour].format(cfg=cfg)
+
+
+# A graph's tensors as the Triton configs and the sampler's BLS calls both describe them:
+# (name, numpy dtype name, per-sample dims). A per-sample scalar (timestep, class label) has
+# dims []: Triton's per-request shape must have a dim, so it travels as [batch, 1] and the
+# config's `reshape: []` hands the engine [batch].
+Tensor = tuple[str, str, list[int]]
+Interface = tuple[list[Tensor], list[Tensor]]   # (inputs, outputs)
+
+
+def unet_io(sample_shape: list[int], conditioning: list[dict] = ()) -> Interface:
+    """sample, timestep, then a conditional model's inputs (PipelineSpec.unet_inputs) -> eps."""
+    inputs = [(INPUT_NAMES[0], "float32", list(sample_shape)), (INPUT_NAMES[1], "float32", [])]
+    inputs += [(c["name"], c["dtype"], list(c["dims"])) for c in conditioning]
+    return inputs, [(OUTPUT_NAME, "float32", list(sample_shape))]
+
+
+def vae_decoder_io(latent_shape: list[int], image_shape: list[int]) -> Interface:
+    return [(VAE_INPUT, "float32", list(latent_shape))], [(VAE_OUTPUT, "float32", list(image_shape))]
+
+
+def text_encoder_io(max_length: int, state_dims: list[int]) -> Interface:
+    """input_ids [L] -> the UNet's encoder_hidden_states [L, D]."""
+    return [(TOKENS_INPUT, "int64", [max_length])], [(TEXT_OUTPUT, "float32", list(state_dims))]

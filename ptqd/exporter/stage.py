@@ -1,5 +1,5 @@
 """The export stage: OUT/calibration + the model -> OUT/onnx (FP and QDQ graphs, precision
-plan; for latent and text models the VAE decoder and text encoder in FP32) and OUT/scheduler
+plan; for latent and text models the VAE decoder and text encoder in float) and OUT/scheduler
 (the folded PTQD schedule; pipeline.json and the tokenizer for conditional models)."""
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def calibrated_spec(model, doc: dict):
 
 
 def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
-    """FP32 graphs of what runs around the UNet: the VAE decoder, the text encoder."""
+    """Float graphs of what runs around the UNet: the VAE decoder (FP32, and an FP16 copy for
+    TensorRT), the text encoder (FP32)."""
     from ptqd.conditions import latent_shape
     from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
 

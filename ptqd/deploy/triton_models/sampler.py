@@ -28,9 +28,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from ptqd.engines.conditioning import PipelineSpec, guided_batch, runtime_conditioner  # noqa: E402
 from ptqd.engines.sampler import MinBatch, Sampler  # noqa: E402
-from ptqd.exporter.graph_files import (INPUT_NAMES, OUTPUT_NAME, TEXT_ENCODER_GRAPH, TEXT_OUTPUT,  # noqa: E402
-                                       TOKENIZER_DIR, TOKENS_INPUT, VAE_DECODER_GRAPH, VAE_INPUT, VAE_OUTPUT,
-                                       graph_path)
+from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,  # noqa: E402
+                                       graph_path, text_encoder_io, unet_io, vae_decoder_io)
 from ptqd.exporter.schedule import FoldedSchedule  # noqa: E402
 
 DTYPES = {"float32": np.float32, "int64": np.int64}
@@ -38,11 +37,11 @@ DTYPES = {"float32": np.float32, "int64": np.int64}
 
 class BlsModel:
     """Another model of the repository (a UNet, the VAE decoder, the text encoder), called
-    from inside execute(). `inputs` are its (name, dtype, per-sample dims); a per-sample
-    scalar is sent as [batch, 1], as its config's `reshape: []` expects."""
+    from inside execute(), with its interface (graph_files.*_io): a per-sample scalar input
+    is sent as [batch, 1], as its config's `reshape: []` expects."""
 
-    def __init__(self, model_name: str, inputs: list, output: str):
-        self.model_name, self.inputs, self.output = model_name, inputs, output
+    def __init__(self, model_name: str, inputs: list, outputs: list):
+        self.model_name, self.inputs, self.output = model_name, inputs, outputs[0][0]
 
     def run(self, **arrays) -> np.ndarray:
         tensors = []
@@ -106,16 +105,16 @@ class TritonPythonModel:
             self._in_process_engines(int(params["threads"]))
 
     def _bls_engines(self, min_batch: int):
-        shape = self.schedule.sample_shape
-        unet_inputs = [(INPUT_NAMES[0], "float32", shape), (INPUT_NAMES[1], "float32", [])]
-        unet_inputs += [(c["name"], c["dtype"], c["dims"]) for c in self.spec.unet_inputs]
-        # a TensorRT profile may start above 1; Triton rejects smaller batches, so pad them
-        self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}", unet_inputs, OUTPUT_NAME), min_batch)
-                        for cfg in self.schedule.configs}
-        decoder = BlsModel("vae_decoder", [(VAE_INPUT, "float32", shape)], VAE_OUTPUT)
-        encoder = BlsModel("text_encoder", [(TOKENS_INPUT, "int64", [self.spec.max_length])], TEXT_OUTPUT)
-        self.decoder = MinBatch(decoder, min_batch) if self.spec.latent else None
-        self.text_encoder = MinBatch(encoder, min_batch) if self.spec.kind == "text" else None
+        shape, spec = self.schedule.sample_shape, self.spec
+        # the interfaces the repository's configs were written from; a TensorRT profile may
+        # start above 1 and Triton rejects smaller batches, so every model is padded to it
+        unet = unet_io(shape, spec.unet_inputs)
+        self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}", *unet), min_batch) for cfg in self.schedule.configs}
+        self.decoder = (MinBatch(BlsModel("vae_decoder", *vae_decoder_io(shape, spec.image_shape)), min_batch)
+                        if spec.latent else None)
+        self.text_encoder = (MinBatch(BlsModel("text_encoder", *text_encoder_io(spec.max_length,
+                                                                                spec.unet_inputs[0]["dims"])),
+                                      min_batch) if spec.kind == "text" else None)
 
     def _in_process_engines(self, threads: int):
         from ptqd.engines.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
