@@ -22,8 +22,9 @@ import torch
 from ptqd.calibration.data import collect
 from ptqd.calibration.layers import quantizable_layers
 from ptqd.calibration.stage import CalibrationRequest
-from ptqd.engines.onnxruntime import create_session
-from ptqd.pipeline import load_model, run_calibrate, run_export_stage
+from ptqd.runtime.onnxruntime import create_session
+from ptqd.model import load_model
+from ptqd.pipeline import run_calibrate, run_export_stage
 
 
 def make_unet25m(folder: Path) -> Path:

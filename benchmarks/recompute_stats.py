@@ -18,10 +18,10 @@ import torch
 
 from ptqd.calibration.data import CALIBRATION_INDEX_OFFSET
 from ptqd.calibration.noise_stats import step_stats
-from ptqd.engines.noise import SampleNoise
-from ptqd.engines.onnxruntime import OnnxRuntimeUNet
-from ptqd.exporter.schedule import FoldedSchedule, apply_step
-from ptqd.exporter.timeline import build_schedule
+from ptqd.runtime.noise import SampleNoise
+from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
+from ptqd.runtime.schedule import FoldedSchedule, apply_step
+from ptqd.ddim import build_schedule
 from ptqd.model import load_scheduler_config, resolve_model
 
 

@@ -24,7 +24,7 @@ def run_diffusers(model_spec: str, out: Path, batch: int) -> dict:
     import torch
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from ptqd.pipeline import load_model
+    from ptqd.model import load_model
 
     model = load_model(model_spec, STEPS)
     pipe = DDIMPipeline(unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config))
@@ -49,14 +49,14 @@ class TimedEngine:
 
 
 def run_ptqd(model_spec: str, out: Path, batch: int, mixed: bool) -> dict:
-    from ptqd.engines.onnxruntime import OnnxRuntimeUNet
-    from ptqd.engines.sampler import generate
-    from ptqd.exporter.schedule import FoldedSchedule
-    from ptqd.exporter.graph_files import graph_path
+    from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
+    from ptqd.runtime.sampler import generate
+    from ptqd.runtime.schedule import FoldedSchedule
+    from ptqd.runtime.layout import graph_path
 
     schedule = FoldedSchedule.load(out / "scheduler")
     if not mixed:
-        from ptqd.exporter.timeline import build_schedule
+        from ptqd.ddim import build_schedule
         from ptqd.model import load_scheduler_config, resolve_model
 
         cfg = load_scheduler_config(resolve_model(model_spec))

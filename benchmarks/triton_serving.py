@@ -22,10 +22,10 @@ import numpy as np
 from ptqd.deploy.client import request_images
 from ptqd.deploy.repository import write_repository
 from ptqd.deploy.server import LocalTritonServer
-from ptqd.engines.onnxruntime import OnnxRuntimeUNet
-from ptqd.engines.sampler import generate
-from ptqd.exporter.graph_files import graph_path
-from ptqd.exporter.schedule import FoldedSchedule
+from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
+from ptqd.runtime.sampler import generate
+from ptqd.runtime.layout import graph_path
+from ptqd.runtime.schedule import FoldedSchedule
 
 
 def local_sampler(out: Path, batch: int):

@@ -10,12 +10,12 @@
 #   docker/gpu_pipeline.sh all [ARGS...]      build, export, serve-image, serve
 #
 # OUTDIR (default ./docker-out, relative to the current directory) is mounted as /out in the
-# export container. The release is read from ptqd/deploy/release.py, the only place it is written,
+# export container. The release is read from ptqd/engines/release.py, the only place it is written,
 # so the TensorRT image that builds the plans and the Triton image that loads them always match.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RELEASE_FILE="$REPO_ROOT/ptqd/deploy/release.py"
+RELEASE_FILE="$REPO_ROOT/ptqd/engines/release.py"
 OUTDIR="${OUTDIR:-./docker-out}"
 
 die() {

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptqd.engines.conditioning import CLASS_INPUT, TEXT_INPUT, Conditioner, PipelineSpec
+from ptqd.runtime.conditioning import TEXT_INPUT, Conditioner, PipelineSpec
+from ptqd.runtime.layout import CLASS_INPUT
 from ptqd.errors import UserError
 
 # diffusers' StableDiffusionPipeline default, and the scale PTQD evaluates LDM-4 ImageNet at

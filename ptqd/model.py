@@ -221,3 +221,23 @@ def load_scheduler_config(source: ModelSource) -> dict:
     if config.get("thresholding", False):
         raise UserError(f"--model {source.spec!r}: dynamic thresholding is not supported")
     return config
+
+
+@dataclass
+class LoadedModel:
+    source: object
+    unet: object
+    scheduler_config: dict
+    vae: object = None            # latent models: the AutoencoderKL whose decoder makes the image
+    tokenizer: object = None      # text-conditioned models
+    text_encoder: object = None
+
+
+def load_model(spec: str, steps: int) -> LoadedModel:
+    """Resolve, check and load --model; `steps` is checked against its training timesteps."""
+    source = resolve_model(spec)
+    sched_cfg = load_scheduler_config(source)
+    train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    if steps > train_steps:
+        raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+    return LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))

@@ -15,14 +15,10 @@ import click
 
 from ptqd.calibration.stage import CalibrationRequest
 from ptqd.errors import UserError
+from ptqd.model import LoadedModel, load_model
 from ptqd.output import MANIFEST, check_output_dir, read_manifest, staged_directory, write_manifest
+from ptqd.runtime.layout import CALIBRATION_DIR, ENGINES_DIR, ONNX_DIR, REPORT_DIR, SCHEDULER_DIR, TRITON_DIR
 
-CALIBRATION_DIR = "calibration"
-ONNX_DIR = "onnx"
-SCHEDULER_DIR = "scheduler"
-ENGINES_DIR = "engines"
-TRITON_DIR = "triton"
-REPORT_DIR = "report"
 
 
 @dataclass(frozen=True)
@@ -49,28 +45,6 @@ def engine_settings(backend: str, batch: str):
     if backend == "tensorrt":
         import_tensorrt()
     return settings
-
-
-@dataclass
-class LoadedModel:
-    source: object
-    unet: object
-    scheduler_config: dict
-    vae: object = None            # latent models: the AutoencoderKL whose decoder makes the image
-    tokenizer: object = None      # text-conditioned models
-    text_encoder: object = None
-
-
-def load_model(spec: str, steps: int) -> LoadedModel:
-    """Resolve, check and load --model; `steps` is checked against its training timesteps."""
-    from ptqd.model import load_scheduler_config, load_text_parts, load_unet, load_vae, resolve_model
-
-    source = resolve_model(spec)
-    sched_cfg = load_scheduler_config(source)
-    train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
-    if steps > train_steps:
-        raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
-    return LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))
 
 
 def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -> dict:

@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ptqd.engines.conditioning import runtime_conditioner
-from ptqd.engines.sampler import MinBatch, Sampler
+from ptqd.runtime.conditioning import runtime_conditioner
+from ptqd.runtime.sampler import MinBatch, Sampler
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import TOKENIZER_DIR
+from ptqd.runtime.layout import (CALIBRATION_DIR, ENGINES_DIR, ONNX_DIR, SCHEDULER_DIR, SPEC_FILE,
+                                 TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path)
 from ptqd.output import atomic_write_bytes, check_output_file
 
 DEFAULT_STEPS = 50
@@ -59,7 +60,7 @@ def run_sample(req: SampleRequest) -> np.ndarray:
 
 def sample_full_precision(req: SampleRequest) -> np.ndarray:
     from ptqd.model import DEFAULT_MODEL
-    from ptqd.pipeline import load_model
+    from ptqd.model import load_model
 
     from ptqd.conditions import pipeline_spec, vae_decoder_fn
 
@@ -79,7 +80,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
         raise UserError("without OUT, a conditional or latent model samples with --backend torch; "
                         "export it (export-trt) to sample its onnxruntime graphs")
     if req.backend == "onnxruntime":
-        from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+        from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
         from ptqd.exporter.onnx_fp import export_fp_onnx
 
         schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
@@ -92,7 +93,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
 
 def _schedule(model, steps, eta, configs, corrections):
     from ptqd.conditions import latent_shape
-    from ptqd.exporter.timeline import build_schedule
+    from ptqd.ddim import build_schedule
 
     return build_schedule(model.scheduler_config, steps, eta, latent_shape(model.unet), configs, corrections)
 
@@ -129,7 +130,6 @@ def output_sampler(req: SampleRequest):
 
 def _output_plan(req: SampleRequest):
     from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
-    from ptqd.pipeline import CALIBRATION_DIR
 
     if not req.out.is_dir():
         raise UserError(f"{req.out} is not an output directory (made by export-trt or ptqd calibrate)")
@@ -147,7 +147,7 @@ def _output_plan(req: SampleRequest):
 def _sample_output_torch(req, doc, configs, corrections):
     from ptqd.conditions import vae_decoder_fn
     from ptqd.exporter.stage import calibrated_spec
-    from ptqd.pipeline import CALIBRATION_DIR, load_model
+    from ptqd.model import load_model
 
     model = load_model(doc["model"], doc["num_inference_steps"])
     if model.source.sha256 != doc["model_sha256"]:
@@ -162,9 +162,8 @@ def _sample_output_torch(req, doc, configs, corrections):
 
 def _sample_output_engines(req, doc, configs, corrections):
     """The deployed path: engines and the folded schedule file, no torch in the loop."""
-    from ptqd.engines.conditioning import guided_batch
-    from ptqd.exporter.schedule import FoldedSchedule
-    from ptqd.pipeline import SCHEDULER_DIR
+    from ptqd.runtime.conditioning import guided_batch
+    from ptqd.runtime.schedule import FoldedSchedule
 
     sched_dir = req.out / SCHEDULER_DIR
     if not sched_dir.is_dir():
@@ -172,7 +171,7 @@ def _sample_output_engines(req, doc, configs, corrections):
     schedule = FoldedSchedule.load(sched_dir)
     if req.precision != "mixed" or not req.correction:
         # an ablation, not the deployed table: fold it afresh from the model's scheduler config
-        from ptqd.exporter.timeline import build_schedule
+        from ptqd.ddim import build_schedule
         from ptqd.model import load_scheduler_config, resolve_model
 
         sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
@@ -192,7 +191,6 @@ def _engine_batch_size(req: SampleRequest, per_image: int = 1) -> int:
     batches of its maximum; refuse an explicit --batch-size they cannot run (a guided model's
     UNet call takes per_image = 2 samples per image)."""
     from ptqd.engines.profiles import recorded_profile
-    from ptqd.pipeline import ENGINES_DIR
 
     profile = recorded_profile(req.out / ENGINES_DIR)
     if profile is None:
@@ -211,7 +209,7 @@ def _engine_batch_size(req: SampleRequest, per_image: int = 1) -> int:
 
 
 def _pipeline_spec(sched_dir: Path):
-    from ptqd.engines.conditioning import SPEC_FILE, PipelineSpec
+    from ptqd.runtime.conditioning import PipelineSpec
 
     try:
         return PipelineSpec.load(sched_dir)
@@ -235,8 +233,6 @@ def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path):
 
 def _extra_engine(out: Path, name: str, backend: str):
     """The VAE decoder or text encoder: its plan with --backend tensorrt, else its FP32 graph."""
-    from ptqd.exporter.graph_files import TEXT_ENCODER_GRAPH, VAE_DECODER_GRAPH
-    from ptqd.pipeline import ENGINES_DIR, ONNX_DIR
 
     if backend == "tensorrt":
         from ptqd.engines.tensorrt import TensorRTGraph
@@ -246,7 +242,7 @@ def _extra_engine(out: Path, name: str, backend: str):
             raise UserError(f"{plan} is missing: build it with {out / ENGINES_DIR / 'build_engines.sh'}")
         graph = TensorRTGraph(plan)
         return MinBatch(graph, graph.batch_range[0])  # one image may be below the profile's minimum
-    from ptqd.engines.onnxruntime import OnnxRuntimeGraph
+    from ptqd.runtime.onnxruntime import OnnxRuntimeGraph
 
     path = out / ONNX_DIR / {"vae_decoder": VAE_DECODER_GRAPH, "text_encoder": TEXT_ENCODER_GRAPH}[name]
     if not path.is_file():
@@ -257,8 +253,6 @@ def _extra_engine(out: Path, name: str, backend: str):
 def _engine(out: Path, cfg: str, backend: str, graph: str):
     """onnxruntime: the CPU-fast graph (fused integer kernels, 8-bit output rounding on top)
     or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan."""
-    from ptqd.exporter.graph_files import graph_path
-    from ptqd.pipeline import ENGINES_DIR, ONNX_DIR
 
     if backend == "tensorrt":
         from ptqd.engines.tensorrt import TensorRTUNet, import_tensorrt
@@ -270,7 +264,7 @@ def _engine(out: Path, cfg: str, backend: str, graph: str):
                             f"or {out / ENGINES_DIR / 'build_engines.sh'}")
         unet = TensorRTUNet(plan)
         return MinBatch(unet, unet.batch_range[0])  # a last, smaller chunk is padded
-    from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+    from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 
     flavour = "cpu-fast" if graph == "fast" else "onnxruntime"
     path = graph_path(out / ONNX_DIR, cfg, flavour)
@@ -281,7 +275,8 @@ def _engine(out: Path, cfg: str, backend: str, graph: str):
 
 def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:
     from ptqd.calibration.configs import FLOAT_CONFIG
-    from ptqd.calibration.fakequant import TorchUNetEngine, fake_quant_unet
+    from ptqd.calibration.fakequant import fake_quant_unet
+    from ptqd.calibration.trajectory import TorchUNetEngine
     from ptqd.calibration.params import load_params
 
     params = load_params(calibration_dir)

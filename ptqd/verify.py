@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ptqd.engines.stage import ORT_MANIFEST
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import GRAPH_FILES, graph_path
+from ptqd.runtime.layout import GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, TOKENIZER_DIR, graph_path
 from ptqd.output import MANIFEST, file_sha256, is_artifact
 
 
@@ -98,9 +97,6 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
     plans that the other stages hold (a rebuild without a redeploy shows up here)."""
     from ptqd.deploy.model_config import CONFIG_FILE, parse_config
     from ptqd.deploy.repository import SAMPLER, model_files
-    from ptqd.engines.conditioning import SPEC_FILE
-    from ptqd.exporter.graph_files import TOKENIZER_DIR
-    from ptqd.exporter.schedule import SCHEDULE_FILE
 
     problems, configs = [], {}
     for path in sorted((out / "triton").glob(f"*/{CONFIG_FILE}")):
@@ -134,8 +130,6 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
 
 def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
     """A conditional / latent model's pipeline.json against the calibration and the graphs."""
-    from ptqd.engines.conditioning import SPEC_FILE
-
     problems: list[str] = []
     spec = _load_json(out, f"scheduler/{SPEC_FILE}", problems)
     cond = doc.get("conditioning") or {}

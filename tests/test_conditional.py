@@ -12,11 +12,12 @@ import onnx
 import pytest
 import torch
 
-from ptqd.calibration.fakequant import TorchUNetEngine, fake_quant_unet
+from ptqd.calibration.fakequant import fake_quant_unet
+from ptqd.calibration.trajectory import TorchUNetEngine
 from ptqd.calibration.params import load_params
-from ptqd.engines.conditioning import Guided, PipelineSpec, runtime_conditioner
-from ptqd.engines.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
-from ptqd.exporter.graph_files import graph_path
+from ptqd.runtime.conditioning import Guided, PipelineSpec, runtime_conditioner
+from ptqd.runtime.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
+from ptqd.runtime.layout import graph_path
 from tests.conftest import CONDITIONAL_STEPS, GUIDANCE, assert_user_error, run_cli
 
 
@@ -77,7 +78,7 @@ def test_guided_onnxruntime_matches_torch_fake_quant(tiny_text_export):
     layers that quantize the text encoder's states) alone, where nothing can cascade, to 2e-3."""
     from ptqd.calibration.params import ConfigQuant
     from ptqd.exporter.qdq import ONNXRUNTIME, insert_qdq
-    from ptqd.pipeline import load_model
+    from ptqd.model import load_model
 
     out = tiny_text_export
     doc = json.loads((out / "calibration" / "ptqd.json").read_text())
@@ -114,9 +115,9 @@ def test_ptqd_statistics_are_measured_on_the_guided_prediction(tiny_text_export)
     unguided prediction's statistics do not, so the match says which one calibration used."""
     from ptqd.calibration.data import CALIBRATION_INDEX_OFFSET
     from ptqd.calibration.noise_stats import step_stats
-    from ptqd.engines.noise import SampleNoise
-    from ptqd.exporter.schedule import apply_step
-    from ptqd.exporter.timeline import build_schedule
+    from ptqd.runtime.noise import SampleNoise
+    from ptqd.runtime.schedule import apply_step
+    from ptqd.ddim import build_schedule
     from ptqd.model import load_scheduler_config, resolve_model
 
     out = tiny_text_export

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ptqd.calibration.layers import quantizable_layers
 from ptqd.calibration.trajectory import chunk_engine, ddim_trajectory
 from ptqd.conditions import latent_shape
-from ptqd.engines.noise import SampleNoise
+from ptqd.runtime.noise import SampleNoise
 
 CALIBRATION_INDEX_OFFSET = 1_000_000
 VALUES_PER_CALL = 2048

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,17 +38,3 @@ def fake_quant_unet(unet: nn.Module, quant: ConfigQuant) -> nn.Module:
         setattr(parent, child, FakeQuantLayer(getattr(parent, child), lq,
                                               quant.config.weight_bits, quant.config.act_bits))
     return model.eval()
-
-
-class TorchUNetEngine:
-    """A torch UNet as a numpy engine for the shared sampler loop."""
-
-    def __init__(self, unet: nn.Module):
-        self.unet = unet
-
-    @torch.no_grad()
-    def __call__(self, sample, timestep, **conditioning):
-        extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in conditioning.items()}
-        out = self.unet(torch.from_numpy(np.ascontiguousarray(sample)),
-                        torch.from_numpy(np.ascontiguousarray(timestep)), **extra).sample
-        return out.numpy()

@@ -21,8 +21,8 @@ from ptqd.calibration.noise_stats import CORRECTIONS, StepStats, step_stats
 from ptqd.calibration.params import calibrate_config, save_params
 from ptqd.calibration.trajectory import chunk_engine
 from ptqd.errors import UserError
-from ptqd.exporter.schedule import fold_step
-from ptqd.exporter.timeline import ddim_timeline
+from ptqd.runtime.schedule import fold_step
+from ptqd.ddim import ddim_timeline
 
 
 @dataclass(frozen=True)

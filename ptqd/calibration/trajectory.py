@@ -11,9 +11,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ptqd.engines.conditioning import decode_images
-from ptqd.engines.noise import SampleNoise
-from ptqd.exporter.timeline import ddim_scheduler
+from ptqd.ddim import ddim_scheduler
+from ptqd.runtime.conditioning import decode_images
+from ptqd.runtime.noise import SampleNoise
 
 StepHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -36,10 +36,22 @@ def ddim_trajectory(engine, scheduler_config: dict, steps: int, eta: float, nois
     return x.numpy()
 
 
+class TorchUNetEngine:
+    """A torch UNet as a numpy engine for the shared sampler loop."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    @torch.no_grad()
+    def __call__(self, sample, timestep, **conditioning):
+        extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in conditioning.items()}
+        out = self.unet(torch.from_numpy(np.ascontiguousarray(sample)),
+                        torch.from_numpy(np.ascontiguousarray(timestep)), **extra).sample
+        return out.numpy()
+
+
 def chunk_engine(unet, conditioner, start: int, count: int):
     """The torch UNet as the engine for images start .. start+count-1, guided if conditional."""
-    from ptqd.calibration.fakequant import TorchUNetEngine
-
     engine = TorchUNetEngine(unet)
     return engine if conditioner is None else conditioner.guided(engine, start, count)
 

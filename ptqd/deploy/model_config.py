@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ptqd.engines.profiles import BatchProfile
-from ptqd.exporter.graph_files import Interface, Tensor
+from ptqd.runtime.layout import Interface, Tensor
 
 CONFIG_FILE = "config.pbtxt"
 SAMPLER_INPUTS = {"seed": "TYPE_INT64", "num_images": "TYPE_INT32", "first_index": "TYPE_INT64"}

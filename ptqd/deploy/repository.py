@@ -4,7 +4,7 @@ repository that `tritonserver --model-repository OUT/triton` serves with no edit
     triton/
       ptqd_sampler/            Python backend: encode the prompt or class, the denoising loop with
         config.pbtxt           the folded PTQD schedule and guidance, decode
-        1/model.py, 1/ptqd_schedule.json, 1/ptqd/...   (ptqd's numpy-only runtime, copied)
+        1/model.py, 1/ptqd_schedule.json, 1/ptqd/runtime/...   (ptqd's numpy-only runtime, copied)
         1/pipeline.json, 1/tokenizer/                   (conditional / latent models)
         1/onnx/unet_<cfg>.cpu.onnx, vae_decoder.onnx, text_encoder.onnx   (--unets in-process only)
       unet_<cfg>/              one per configuration the schedule uses (--unets tensorrt|onnxruntime)
@@ -23,10 +23,10 @@ import click
 
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
-from ptqd.engines.conditioning import SPEC_FILE, PipelineSpec
-from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path,
+from ptqd.runtime.conditioning import PipelineSpec
+from ptqd.runtime.layout import (SCHEDULE_FILE, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path,
                                        text_encoder_io, unet_io, vae_decoder_io)
-from ptqd.exporter.schedule import SCHEDULE_FILE, FoldedSchedule
+from ptqd.runtime.schedule import FoldedSchedule
 from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
 
@@ -37,11 +37,10 @@ DEFAULT_MAX_IMAGES = 256
 # mode their UNet calls meet in the dynamic batcher. Measured on 2 CPU cores, 32 concurrent
 # 2-image requests: 6.4-7.3 s with one instance, 2.2-2.5 s with two (two runs of benchmarks/triton_serving.py).
 DEFAULT_INSTANCES = 2
-# What the Python-backend models import from ptqd: numpy-only modules (no torch, no click).
-RUNTIME_MODULES = ("__init__.py", "errors.py", "engines/__init__.py", "engines/noise.py",
-                   "engines/sampler.py", "engines/onnxruntime.py", "engines/conditioning.py",
-                   "engines/tokenizer.py", "exporter/__init__.py", "exporter/schedule.py",
-                   "exporter/graph_files.py")
+# What a Python-backend model imports of ptqd: the numpy-only runtime package, whole, and the
+# error type it raises; the package's __init__ makes `ptqd` importable (it imports nothing).
+RUNTIME_FILES = ("__init__.py", "errors.py")
+RUNTIME_PACKAGE = "runtime"
 GRAPH_MODEL = "graph_onnxruntime.py"   # the Python-backend model that runs one graph
 
 
@@ -59,10 +58,13 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _copy_runtime(version_dir: Path, model_file: str) -> None:
     package = resources.files("ptqd")
-    for rel in RUNTIME_MODULES:
+    runtime = package.joinpath(RUNTIME_PACKAGE)
+    sources = [(name, package.joinpath(name)) for name in RUNTIME_FILES]
+    sources += [(f"{RUNTIME_PACKAGE}/{f.name}", f) for f in runtime.iterdir() if f.name.endswith(".py")]
+    for rel, source in sources:
         target = version_dir / "ptqd" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(package.joinpath(rel).read_bytes())
+        target.write_bytes(source.read_bytes())
     source = package.joinpath("deploy", "triton_models", model_file)
     (version_dir / "model.py").write_bytes(source.read_bytes())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ptqd.deploy.release import TENSORRT_IMAGE
+from ptqd.engines.release import TENSORRT_IMAGE
 from ptqd.engines.jobs import EngineJob
 from ptqd.engines.tensorrt import BuildSettings
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptqd.engines.conditioning import PipelineSpec
+from ptqd.runtime.conditioning import PipelineSpec
 from ptqd.engines.profiles import BatchProfile, batched_shapes, input_shapes
-from ptqd.exporter.graph_files import (FP16_GRAPH, TEXT_ENCODER_GRAPH, TOKENS_INPUT, VAE_DECODER_GRAPH, VAE_INPUT,
+from ptqd.runtime.layout import (FP16_GRAPH, TEXT_ENCODER_GRAPH, TOKENS_INPUT, VAE_DECODER_GRAPH, VAE_INPUT,
                                        graph_path)
-from ptqd.exporter.schedule import FoldedSchedule
+from ptqd.runtime.schedule import FoldedSchedule
 
 
 @dataclass(frozen=True)

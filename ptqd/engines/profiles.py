@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqd.errors import UserError
+from ptqd.runtime.layout import ORT_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,6 @@ class BatchProfile:
 def recorded_profile(engines_dir: Path) -> BatchProfile | None:
     """The batch range OUT/engines was built for (plan metadata, else onnxruntime.json), or
     None where no engines were built."""
-    from ptqd.engines.stage import ORT_MANIFEST
-
     metas = sorted(engines_dir.glob("unet_*.json")) + [engines_dir / ORT_MANIFEST]
     for meta in metas:
         if meta.is_file():

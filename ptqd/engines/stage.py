@@ -17,12 +17,12 @@ import click
 
 from ptqd.engines.build_script import write_build_script
 from ptqd.engines.jobs import engine_jobs
-from ptqd.engines.onnxruntime import create_session
+from ptqd.runtime.onnxruntime import create_session
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, import_tensorrt, tensorrt_available
 from ptqd.errors import UserError
+from ptqd.runtime.layout import ORT_MANIFEST
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-ORT_MANIFEST = "onnxruntime.json"
 
 
 def build_tensorrt(out: Path, engines_dir: Path, settings: BuildSettings) -> list[Path]:

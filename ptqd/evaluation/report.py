@@ -49,7 +49,7 @@ def _distribution(doc: dict):
 
 
 def _sizes(out: Path, doc: dict, scheduled: list[str]) -> dict:
-    from ptqd.exporter.graph_files import GRAPH_FILES, graph_path
+    from ptqd.runtime.layout import GRAPH_FILES, graph_path
 
     onnx = out / "onnx"
     size = lambda p: p.stat().st_size if p.is_file() else None

@@ -13,7 +13,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ptqd.exporter.schedule import FoldedSchedule, ScheduleStep, apply_step
+from ptqd.runtime.schedule import FoldedSchedule, ScheduleStep, apply_step
 
 
 @dataclass

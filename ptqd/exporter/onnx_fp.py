@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ptqd.exporter.graph_files import INPUT_NAMES, OUTPUT_NAME
+from ptqd.runtime.layout import INPUT_NAMES, OUTPUT_NAME
 
 OPSET = 21
 NODE_PREFIX = "/unet/"

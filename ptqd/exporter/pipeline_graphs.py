@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ptqd.exporter.graph_files import TEXT_OUTPUT, TOKENS_INPUT, VAE_INPUT, VAE_OUTPUT
+from ptqd.runtime.layout import TEXT_OUTPUT, TOKENS_INPUT, VAE_INPUT, VAE_OUTPUT
 from ptqd.exporter.onnx_fp import OPSET
 
 BATCH_AXIS = "batch"

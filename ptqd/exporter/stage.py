@@ -13,15 +13,15 @@ import onnx
 from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
-from ptqd.engines.conditioning import SPEC_FILE
-from ptqd.exporter.graph_files import FP16_GRAPH, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
 from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
-from ptqd.exporter.timeline import build_schedule
+from ptqd.ddim import build_schedule
+from ptqd.runtime.layout import (FP16_GRAPH, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,
+                                 graph_path)
 
-# flavour -> (storage, whose lint rules apply); file names in graph_files.GRAPH_FILES
+# flavour -> (storage, whose lint rules apply); file names in layout.GRAPH_FILES
 FLAVOURS = {
     "tensorrt": (TENSORRT, "tensorrt"),
     "onnxruntime": (ONNXRUNTIME, "onnxruntime"),
@@ -109,7 +109,7 @@ def export_scheduler(model, calibration_dir: Path, scheduler_dir: Path) -> Path:
         click.echo(f"[export] {scheduler_dir.name}/{SPEC_FILE}: {spec.kind}, guidance {spec.guidance_scale:g}"
                    + (", VAE decoder" if spec.latent else ""))
     if spec.kind == "text":
-        from ptqd.engines.tokenizer import save_prompt_tokenizer
+        from ptqd.exporter.tokenizer_files import save_prompt_tokenizer
 
         save_prompt_tokenizer(model.tokenizer, scheduler_dir / TOKENIZER_DIR)
     runs = ", ".join(f"{c}×{configs.count(c)}" for c in sorted(set(configs)))

@@ -1,5 +1,5 @@
 """The container files in docker/: hadolint passes them, both images take the NGC release from
-ptqd/deploy/release.py, and docker/gpu_pipeline.sh reads that same release.
+ptqd/engines/release.py, and docker/gpu_pipeline.sh reads that same release.
 
 Nothing here builds or runs an image (the project's machines have no Docker daemon); the
 Dockerfiles are linted with the real hadolint, and the checks are shown to fail on planted faults.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ptqd.deploy import release
+from ptqd.engines import release
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -82,7 +82,7 @@ def test_hadolint_passes(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_base_image_comes_from_release_module(dockerfile):
     assert _base_image(dockerfile, release.NGC_RELEASE) == EXPECTED_BASE[dockerfile.name]
-    # the tag is written only in ptqd/deploy/release.py, never repeated here
+    # the tag is written only in ptqd/engines/release.py, never repeated here
     assert release.NGC_RELEASE not in dockerfile.read_text()
 
 

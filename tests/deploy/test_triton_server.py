@@ -11,11 +11,11 @@ import pytest
 
 from ptqd.deploy.client import request_images
 from ptqd.deploy.server import LocalTritonServer
-from ptqd.engines.onnxruntime import OnnxRuntimeUNet
-from ptqd.engines.sampler import generate
+from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
+from ptqd.runtime.sampler import generate
 from ptqd.errors import UserError
-from ptqd.exporter.graph_files import graph_path
-from ptqd.exporter.schedule import FoldedSchedule
+from ptqd.runtime.layout import graph_path
+from ptqd.runtime.schedule import FoldedSchedule
 from tests.conftest import assert_user_error, run_cli
 
 

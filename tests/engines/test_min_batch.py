@@ -1,7 +1,7 @@
 """MinBatch: engines whose batch profile starts above 1 (TensorRT) serve any smaller batch."""
 import numpy as np
 
-from ptqd.engines.sampler import MinBatch
+from ptqd.runtime.sampler import MinBatch
 
 
 def test_min_batch_pads_short_batches_and_keeps_each_sample():

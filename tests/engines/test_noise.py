@@ -1,6 +1,6 @@
 import numpy as np
 
-from ptqd.engines.noise import SampleNoise
+from ptqd.runtime.noise import SampleNoise
 
 
 def test_sample_noise_does_not_depend_on_batching():

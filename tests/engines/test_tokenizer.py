@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ptqd.builtin.tiny_pipelines import BOS_TOKEN, EOS_TOKEN, MAX_LENGTH, build_tokenizer, write_bpe_files
-from ptqd.engines.tokenizer import SETTINGS_FILE, TOKENIZER_FILE, PromptTokenizer, save_prompt_tokenizer
+from ptqd.exporter.tokenizer_files import save_prompt_tokenizer
+from ptqd.runtime.tokenizer import SETTINGS_FILE, TOKENIZER_FILE, PromptTokenizer
 
 SD_MAX_LENGTH = 77
 PROMPTS = [
@@ -119,7 +120,7 @@ def test_runs_without_torch_or_transformers(tmp_path):
                 if name.split(".")[0] in ("torch", "transformers", "diffusers"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        from ptqd.engines.tokenizer import PromptTokenizer
+        from ptqd.runtime.tokenizer import PromptTokenizer
         ids = PromptTokenizer.from_folder({str(folder)!r})(["a cat", ""])
         print(ids.dtype, *ids.shape)
     """)

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ptqd.exporter.diffusers_scheduler import PTQDFoldedScheduler
-from ptqd.exporter.timeline import build_schedule
+from ptqd.ddim import build_schedule
 
 CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
           "beta_end": 0.02, "clip_sample": False, "prediction_type": "epsilon"}

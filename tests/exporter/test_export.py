@@ -10,7 +10,7 @@ from onnx import TensorProto
 
 from ptqd.calibration.fakequant import fake_quant_unet
 from ptqd.calibration.params import load_params
-from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 from ptqd.exporter.lint import lint_model
 from ptqd.output import file_sha256
 from tests.conftest import run_cli
@@ -86,8 +86,11 @@ def test_qdq_graph_matches_the_torch_fake_quant_model(exported, builtin_unet, cf
     ±1 step, absent in the first layer and growing with depth (measured: up to 12 % of the
     integers in the up blocks). So the whole graph is held to: every calibrated layer has its
     quantizer, the first one is exact, and end to end the two differ by far less than the
-    quantization error they both model. Each layer's own correctness is checked without the
-    cascade in test_each_layer_alone_matches_its_fake_quant_twin."""
+    quantization error they both model (at most half of it: a wrong scale, axis or rounding
+    gives at least the whole of it; the cascade measured 0.31 of it for w8a8 on a 2-core CPU
+    whose kernels sum in another order than the machine the first bound, 0.25, was set on).
+    Each layer's own correctness is checked without the cascade in
+    test_each_layer_alone_matches_its_fake_quant_twin."""
     from ptqd.calibration.fakequant import FakeQuantLayer
     from ptqd.quant_math import quantize
 
@@ -107,7 +110,7 @@ def test_qdq_graph_matches_the_torch_fake_quant_model(exported, builtin_unet, cf
     assert np.array_equal(graph_ints["down_blocks.0.resnets.0.conv1"], ours["down_blocks.0.resnets.0.conv1"])
     got = OnnxRuntimeUNet(exported / "onnx" / name)(x.numpy(), t.numpy())
     quant_error = np.abs(expected - builtin_unet(x, t).sample.numpy()).mean()
-    assert np.abs(got - expected).mean() < 0.25 * quant_error
+    assert np.abs(got - expected).mean() < 0.5 * quant_error
 
 
 @pytest.mark.parametrize("flavour", ["tensorrt", "onnxruntime"])
@@ -140,9 +143,9 @@ def test_ptqd_statistics_recomputed_from_the_exported_graphs_agree(exported):
     trajectory and re-estimate k, bias and sigma_q: they must match calibration/ptqd.json."""
     from ptqd.calibration.data import CALIBRATION_INDEX_OFFSET
     from ptqd.calibration.noise_stats import step_stats
-    from ptqd.engines.noise import SampleNoise
-    from ptqd.exporter.schedule import FoldedSchedule, apply_step
-    from ptqd.exporter.timeline import build_schedule
+    from ptqd.runtime.noise import SampleNoise
+    from ptqd.runtime.schedule import FoldedSchedule, apply_step
+    from ptqd.ddim import build_schedule
     from ptqd.model import load_scheduler_config, resolve_model
 
     doc = json.loads((exported / "calibration" / "ptqd.json").read_text())
@@ -192,7 +195,7 @@ def test_cpu_fast_graph_fuses_into_integer_kernels(exported, builtin_unet, tmp_p
     into QLinearMatMul; the extra 8-bit output rounding keeps it close to fake-quant."""
     from collections import Counter
 
-    from ptqd.engines.onnxruntime import create_session
+    from ptqd.runtime.onnxruntime import create_session
 
     params = load_params(exported / "calibration")["w8a8"]
     optimized = tmp_path / "optimized.onnx"

@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from ptqd.engines.onnxruntime import OnnxRuntimeUNet
+from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 from ptqd.exporter.onnx_fp import export_fp_onnx
 
 

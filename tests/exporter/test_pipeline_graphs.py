@@ -11,7 +11,7 @@ import torch
 
 from ptqd.builtin.tiny_pipelines import (IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, MAX_LENGTH, NULL_CLASS,
                                          NUM_CLASSES, build_tiny_pipeline)
-from ptqd.exporter.graph_files import TEXT_OUTPUT, TOKENS_INPUT, VAE_INPUT, VAE_OUTPUT
+from ptqd.runtime.layout import TEXT_OUTPUT, TOKENS_INPUT, VAE_INPUT, VAE_OUTPUT
 from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
 from tests.conftest import assert_user_error
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ptqd.exporter.schedule import FoldedSchedule, apply_step, calibrated_sigma, fold_step
-from ptqd.exporter.timeline import build_schedule, ddim_scheduler
+from ptqd.runtime.schedule import FoldedSchedule, apply_step, calibrated_sigma, fold_step
+from ptqd.ddim import build_schedule, ddim_scheduler
 
 
 def _scheduler_config(clip: bool) -> dict:

@@ -17,7 +17,7 @@ sys.dont_write_bytecode = True  # for the runtime modules (the stub ignores PYTH
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from ptqd.engines.onnxruntime import OnnxRuntimeGraph  # noqa: E402
+from ptqd.runtime.onnxruntime import OnnxRuntimeGraph  # noqa: E402
 
 
 class TritonPythonModel:

@@ -26,18 +26,18 @@ sys.dont_write_bytecode = True  # for the runtime modules (the stub ignores PYTH
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from ptqd.engines.conditioning import PipelineSpec, guided_batch, runtime_conditioner  # noqa: E402
-from ptqd.engines.sampler import MinBatch, Sampler  # noqa: E402
-from ptqd.exporter.graph_files import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,  # noqa: E402
+from ptqd.runtime.conditioning import PipelineSpec, guided_batch, runtime_conditioner  # noqa: E402
+from ptqd.runtime.sampler import MinBatch, Sampler  # noqa: E402
+from ptqd.runtime.layout import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,  # noqa: E402
                                        graph_path, text_encoder_io, unet_io, vae_decoder_io)
-from ptqd.exporter.schedule import FoldedSchedule  # noqa: E402
+from ptqd.runtime.schedule import FoldedSchedule  # noqa: E402
 
 DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
 class BlsModel:
     """Another model of the repository (a UNet, the VAE decoder, the text encoder), called
-    from inside execute(), with its interface (graph_files.*_io): a per-sample scalar input
+    from inside execute(), with its interface (runtime.layout's *_io): a per-sample scalar input
     is sent as [batch, 1], as its config's `reshape: []` expects."""
 
     def __init__(self, model_name: str, inputs: list, outputs: list):
@@ -117,7 +117,7 @@ class TritonPythonModel:
                                       min_batch) if spec.kind == "text" else None)
 
     def _in_process_engines(self, threads: int):
-        from ptqd.engines.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
+        from ptqd.runtime.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
 
         self.engines = {cfg: OnnxRuntimeUNet(graph_path(HERE / "onnx", cfg, "cpu-fast"), threads)
                         for cfg in self.schedule.configs}

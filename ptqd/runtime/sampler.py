@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ptqd.engines.conditioning import Conditioner, decode_images
-from ptqd.engines.noise import SampleNoise
-from ptqd.exporter.schedule import FoldedSchedule, apply_step
+from ptqd.runtime.conditioning import Conditioner, decode_images
+from ptqd.runtime.noise import SampleNoise
+from ptqd.runtime.schedule import FoldedSchedule, apply_step
 
 
 class UNetEngine(Protocol):

@@ -9,7 +9,8 @@ With k = b = sigma_q = 0 this is diffusers' DDIMScheduler step. When the model's
 clips the x0 prediction the step is not affine; the table then keeps a_t, a_p, k, b and
 sigma' and `apply_step` uses the same formulas around the clip.
 
-This module needs numpy only: the sampler and the Triton model import it at run time.
+Numpy only: the sampler and the Triton model apply it at run time; calibration folds steps
+with it to weigh each configuration's leftover noise.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEDULE_FILE = "ptqd_schedule.json"
+from ptqd.runtime.layout import SCHEDULE_FILE
+
 FORMAT_VERSION = 1
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqd.exporter.graph_files import CLASS_INPUT, TEXT_OUTPUT, TOKENS_INPUT  # noqa: F401 (re-exported)
+from ptqd.runtime.layout import CLASS_INPUT, SPEC_FILE, TEXT_OUTPUT
 
-SPEC_FILE = "pipeline.json"
 # the UNet's conditioning inputs: class labels, or the text encoder's output
 TEXT_INPUT = TEXT_OUTPUT
 
@@ -169,6 +168,6 @@ def runtime_conditioner(spec: PipelineSpec, conditions: Sequence, tokenizer_dir:
 @functools.lru_cache(maxsize=4)
 def _prompt_tokenizer(folder: str):
     """Loaded once per process: the Triton sampler builds a conditioner per request."""
-    from ptqd.engines.tokenizer import PromptTokenizer
+    from ptqd.runtime.tokenizer import PromptTokenizer
 
     return PromptTokenizer.from_folder(Path(folder))

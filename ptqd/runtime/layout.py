@@ -1,9 +1,24 @@
-"""Where each graph flavour lives in OUT/onnx. Kept apart from the exporter (which needs
-torch) so the sampler, the engines stage, the Triton repository and `ptqd verify` can name
-graphs cheaply."""
+"""The output directory's names, in one place: its folders, the files that more than one
+stage (or the Triton model) reads, each graph flavour's file in OUT/onnx, and the graphs'
+tensor interfaces. Every stage, `ptqd verify`, `ptqd sample` and the Triton repository name
+files through here, so none of them reaches into another stage for a file name."""
 from __future__ import annotations
 
 from pathlib import Path
+
+# OUT's folders, one per stage (ARCHITECTURE.md)
+CALIBRATION_DIR = "calibration"
+ONNX_DIR = "onnx"
+SCHEDULER_DIR = "scheduler"
+ENGINES_DIR = "engines"
+TRITON_DIR = "triton"
+REPORT_DIR = "report"
+
+# OUT/scheduler: the folded PTQD schedule, and how a conditional / latent model is run
+SCHEDULE_FILE = "ptqd_schedule.json"
+SPEC_FILE = "pipeline.json"
+# OUT/engines: the ONNX Runtime engines (and their batch profile) where TensorRT is absent
+ORT_MANIFEST = "onnxruntime.json"
 
 # Every UNet graph's interface (batch axis dynamic); the Triton models use the same names.
 INPUT_NAMES = ("sample", "timestep")
