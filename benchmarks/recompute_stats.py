@@ -32,7 +32,7 @@ def main(out: Path) -> None:
     fp_sched = build_schedule(load_scheduler_config(resolve_model(doc["model"])), steps, doc["eta"],
                               shape, ["fp32"] * steps)
     fp = OnnxRuntimeUNet(out / "onnx" / "unet_fp32.onnx")
-    graphs = {c: OnnxRuntimeUNet(out / "onnx" / f"unet_{c}.onnx") for c in doc["stats"]}
+    graphs = {c: OnnxRuntimeUNet(out / "onnx" / f"unet_{c}.onnx", float_kernels=True) for c in doc["stats"]}
     diffs = {c: {"k": [], "bias": [], "sigma_q": []} for c in graphs}
     noise = SampleNoise(doc["seed"], CALIBRATION_INDEX_OFFSET, n, tuple(shape))
     x = noise.initial()

@@ -15,6 +15,7 @@ import click
 
 from ptqd.errors import UserError
 from ptqd.calibration.configs import DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
+from ptqd.calibration.gpus import DEFAULT_GPU, GPUS
 from ptqd.model import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the stage module pulls in torch; the CLI imports it only when it runs
@@ -91,32 +92,43 @@ def cli(debug: bool) -> None:
 @click.option("--no-correction", is_flag=True, help="With OUT: skip the PTQD correction (the ablation).")
 @click.option("--graph", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
               help="With OUT and onnxruntime: the CPU-fast graphs, or the exact twins of fake-quant.")
+@click.option("--cuda-graph", is_flag=True,
+              help="With --backend tensorrt: capture each engine's work once per batch shape as a CUDA "
+                   "graph and replay it at every step (less CPU launch overhead per step).")
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
 @_condition_options
 @_force_option
-def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, npy,
-           grid, prompts, classes, force):
+def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, cuda_graph,
+           npy, grid, prompts, classes, force):
     """Sample images: the full-precision --model, or (with OUT) an exported output."""
     from ptqd.sample import SampleRequest, run_sample
 
     run_sample(SampleRequest(out=out, model=model, num=num, seed=seed, steps=steps, eta=eta,
                              batch_size=batch_size, backend=backend, npy=npy, grid=grid,
                              force=force, precision=precision.lower(), correction=not no_correction,
-                             graph=graph, conditions=_conditions(prompts, classes)))
+                             graph=graph, conditions=_conditions(prompts, classes), cuda_graph=cuda_graph))
 
 
 def _calibration_options(f):
     options = [
         _model_option,
         click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (4 or 8)."),
-        click.option("--act-bits", type=int, default=8, show_default=True, help="Activation bits (4 or 8)."),
+        click.option("--act-bits", type=int, default=8, show_default=True,
+                     help="Activation bits (4 or 8). 4 is an accuracy study, not a speed-up: no runtime ptqd "
+                          "deploys to (TensorRT, ONNX Runtime) has 4-bit activation kernels."),
+        click.option("--weight-rounding", type=click.Choice(["nearest", "gptq"]), default=None,
+                     help="How weights meet their grid: nearest, or GPTQ reconstruction on the calibration "
+                          "inputs [default: gptq below 8 weight bits, else nearest]."),
         _steps_option, _eta_option, _seed_option,
         click.option("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, show_default=True,
                      help="Full-precision trajectories recorded for calibration."),
         click.option("--mixed-precision", default=DEFAULT_POLICY, show_default=True,
-                     help="off, snr:<dB> (cheapest config reaching it), or budget:<ratio> "
-                          "(least noise within ratio x the base config's BOPs)."),
+                     help="off, snr:<dB> (cheapest config reaching it), budget:<ratio> "
+                          "(least noise within ratio x the base config's BOPs), or latency:<ratio> (least "
+                          "noise within ratio x the fastest config's estimated latency on --target-gpu)."),
+        click.option("--target-gpu", type=click.Choice(sorted(GPUS)), default=DEFAULT_GPU, show_default=True,
+                     help="GPU whose datasheet peaks price the estimated step latencies (roofline per layer)."),
         click.option("--correction", default="auto", show_default=True,
                      help="auto (per step, chosen on held-out trajectories), paper, raw-k or bias-map."),
         click.option("--configs", "extra_configs", default="",
@@ -150,7 +162,8 @@ def _calibration_request(kw: dict) -> "CalibrationRequest":
         eta=kw["eta"], seed=kw["seed"], calib_samples=kw["calib_samples"],
         mixed_precision=kw["mixed_precision"], correction=kw["correction"],
         extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]),
-        guidance_scale=kw["guidance_scale"], conditions=conditions)
+        guidance_scale=kw["guidance_scale"], conditions=conditions, weight_rounding=kw["weight_rounding"],
+        target_gpu=kw["target_gpu"])
 
 
 @cli.command()

@@ -82,7 +82,10 @@ def stage_report(root: Path, samples: int, dest: Path | None = None) -> None:
 
 
 def _config_dict(req: CalibrationRequest) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
+    """The request as recorded (manifest, resume digest): the weight rounding resolved, so that
+    the default and its explicit value are one calibration."""
+    doc = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()}
+    return {**doc, "weight_rounding": req.rounding}
 
 
 def update_manifest(root: Path, stages: list[str], config: dict, model_sha256: str | None = None,

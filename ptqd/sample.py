@@ -38,11 +38,14 @@ class SampleRequest:
     correction: bool = True
     graph: str = "fast"   # onnxruntime: the CPU-fast graph, or the exact twin of fake-quant
     conditions: tuple = ()  # conditional models: prompts or class labels (image j uses item j % len)
+    cuda_graph: bool = False  # tensorrt: capture each engine's work per input shape, then replay it
 
 
 def run_sample(req: SampleRequest) -> np.ndarray:
     if req.npy is None and req.grid is None:
         raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
+    if req.cuda_graph and req.backend != "tensorrt":
+        raise UserError(f"--cuda-graph applies to --backend tensorrt, not {req.backend}")
     for target in (req.npy, req.grid):
         if target is not None:
             check_output_file(target, req.force)
@@ -179,9 +182,10 @@ def _sample_output_engines(req, doc, configs, corrections):
                                   schedule.sample_shape, configs, corrections)
     spec = _pipeline_spec(sched_dir)
     batch_size = _engine_batch_size(req, 2 if spec.guided else 1)
-    engines = {cfg: _engine(req.out, cfg, req.backend, req.graph) for cfg in sorted(set(configs))}
-    conditioner = _runtime_conditioner(spec, req, sched_dir)
-    decoder = _extra_engine(req.out, "vae_decoder", req.backend) if spec.latent else None
+    plans = _tensorrt_engine_set(req) if req.backend == "tensorrt" else None
+    engines = {cfg: _engine(req.out, cfg, req.backend, req.graph, plans) for cfg in sorted(set(configs))}
+    conditioner = _runtime_conditioner(spec, req, sched_dir, plans)
+    decoder = _extra_engine(req.out, "vae_decoder", req.backend, plans) if spec.latent else None
     return Sampler(schedule, engines, batch_size if req.batch_size else guided_batch(batch_size, spec),
                    conditioner, decoder)
 
@@ -218,12 +222,12 @@ def _pipeline_spec(sched_dir: Path):
                         "`ptqd verify` checks the output") from None
 
 
-def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path):
+def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path, plans=None):
     try:
         spec.check_conditions(req.conditions)
     except ValueError as exc:
         raise UserError(f"--prompt/--class: {exc}") from None
-    encoder = _extra_engine(req.out, "text_encoder", req.backend) if spec.kind == "text" else None
+    encoder = _extra_engine(req.out, "text_encoder", req.backend, plans) if spec.kind == "text" else None
     try:
         return runtime_conditioner(spec, req.conditions, sched_dir / TOKENIZER_DIR, encoder)
     except Exception as exc:  # a missing or damaged tokenizer: OSError, tokenizers' own exceptions
@@ -231,16 +235,23 @@ def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path):
                         "`ptqd verify` checks the output, `ptqd export --force` rewrites it") from None
 
 
-def _extra_engine(out: Path, name: str, backend: str):
-    """The VAE decoder or text encoder: its plan with --backend tensorrt, else its FP32 graph."""
+def _tensorrt_engine_set(req: SampleRequest):
+    """The plans' owner: one stream and one activation buffer for the UNets, the decoder and
+    the text encoder, which the sampler runs one after another."""
+    from ptqd.engines.tensorrt import EngineSet
+
+    return EngineSet(cuda_graph=req.cuda_graph)
+
+
+def _extra_engine(out: Path, name: str, backend: str, plans=None):
+    """The VAE decoder or text encoder: its plan with --backend tensorrt (loaded into the
+    sampler's EngineSet `plans`), else its FP32 graph."""
 
     if backend == "tensorrt":
-        from ptqd.engines.tensorrt import TensorRTGraph
-
         plan = out / ENGINES_DIR / f"{name}.plan"
         if not plan.is_file():
             raise UserError(f"{plan} is missing: build it with {out / ENGINES_DIR / 'build_engines.sh'}")
-        graph = TensorRTGraph(plan)
+        graph = plans.load(plan)
         return MinBatch(graph, graph.batch_range[0])  # one image may be below the profile's minimum
     from ptqd.runtime.onnxruntime import OnnxRuntimeGraph
 
@@ -250,19 +261,19 @@ def _extra_engine(out: Path, name: str, backend: str):
     return OnnxRuntimeGraph(path)
 
 
-def _engine(out: Path, cfg: str, backend: str, graph: str):
+def _engine(out: Path, cfg: str, backend: str, graph: str, plans=None):
     """onnxruntime: the CPU-fast graph (fused integer kernels, 8-bit output rounding on top)
-    or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan."""
+    or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan,
+    loaded into the sampler's EngineSet `plans`."""
 
     if backend == "tensorrt":
-        from ptqd.engines.tensorrt import TensorRTUNet, import_tensorrt
+        from ptqd.engines.tensorrt import TensorRTUNet
 
-        import_tensorrt()
         plan = out / ENGINES_DIR / f"unet_{cfg}.plan"
         if not plan.is_file():
             raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
                             f"or {out / ENGINES_DIR / 'build_engines.sh'}")
-        unet = TensorRTUNet(plan)
+        unet = plans.load(plan, TensorRTUNet)
         return MinBatch(unet, unet.batch_range[0])  # a last, smaller chunk is padded
     from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 
@@ -270,7 +281,8 @@ def _engine(out: Path, cfg: str, backend: str, graph: str):
     path = graph_path(out / ONNX_DIR, cfg, flavour)
     if not path.is_file():
         raise UserError(f"{path} is missing: run `ptqd export {out}` (with --force to redo it)")
-    return OnnxRuntimeUNet(path)
+    # the reference is fake-quant's twin only with float kernels (runtime.onnxruntime.session_options)
+    return OnnxRuntimeUNet(path, float_kernels=graph == "reference")
 
 
 def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:

@@ -91,7 +91,7 @@ def test_guided_onnxruntime_matches_torch_fake_quant(tiny_text_export):
     fp = Guided(TorchUNetEngine(model.unet), cond, uncond, spec.guidance_scale)(x, t)
     for cfg, quant in load_params(out / "calibration").items():
         torch_q = Guided(TorchUNetEngine(fake_quant_unet(model.unet, quant)), cond, uncond, spec.guidance_scale)(x, t)
-        onnx_q = Guided(OnnxRuntimeUNet(graph_path(out / "onnx", cfg, "onnxruntime")), cond, uncond,
+        onnx_q = Guided(OnnxRuntimeUNet(graph_path(out / "onnx", cfg, "onnxruntime"), float_kernels=True), cond, uncond,
                         spec.guidance_scale)(x, t)
         quant_effect = np.abs(torch_q - fp).mean()
         assert quant_effect > 1e-4, cfg

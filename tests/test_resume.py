@@ -74,3 +74,14 @@ def test_a_corrupt_manifest_is_one_line_and_leaves_the_output(exported_copy):
     assert _snapshot(exported_copy) == before
     result = run_cli("verify", str(exported_copy))
     assert result.returncode == 1 and "manifest.json: not a JSON object" in result.stdout
+
+
+def test_a_calibration_with_another_weight_rounding_is_refused(exported_copy):
+    """The 4-bit default is GPTQ: asking for it again is the same calibration, asking for
+    nearest rounding would redo it, which needs --force."""
+    before = _snapshot(exported_copy)
+    assert_user_error(_export(exported_copy, "--weight-rounding", "nearest"), "redo: calibrate", "--force")
+    assert _snapshot(exported_copy) == before
+    same = _export(exported_copy, "--weight-rounding", "gptq")
+    assert same.returncode == 0, same.stderr
+    assert "up to date" in same.stdout

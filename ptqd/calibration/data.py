@@ -7,8 +7,10 @@ the seeds a user evaluates on were never seen by the calibration.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -101,3 +103,33 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
                            torch.stack([torch.cat(e) for e in eps]),
                            inputs, {k: absmax[k] for k in inputs},
                            outputs, {k: absmax[f"{k}:out"] for k in outputs})
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A block of recorded UNet inputs: calibration samples start .. start+count-1 at one step."""
+    step: int
+    start: int
+    count: int
+
+
+def probes(data: CalibrationData, total: int, max_steps: int | None = None) -> list[Probe]:
+    """About `total` recorded (x_t, t) spread evenly over the steps (at most max_steps of them):
+    per step a block of consecutive samples, a different block at each step. Blocks are
+    contiguous so that a conditional model's conditions come from one Conditioner chunk."""
+    steps, n = len(data.timesteps), data.num_samples
+    used = min(steps, total, max_steps or steps)
+    per = max(1, min(n, total // used))
+    chosen = [round(k * (steps - 1) / max(1, used - 1)) for k in range(used)]
+    return [Probe(i, (k * per) % (n - per + 1), per) for k, i in enumerate(chosen)]
+
+
+@torch.no_grad()
+def probe_predictions(unet, data: CalibrationData, blocks: list[Probe],
+                      conditioner=None) -> Iterator[tuple[Probe, np.ndarray]]:
+    """The model's (guided) eps on each probe's recorded x_t."""
+    for p in blocks:
+        x = data.x[p.step, p.start:p.start + p.count].numpy()
+        t = np.full((p.count,), float(data.timesteps[p.step]), dtype=np.float32)
+        yield p, chunk_engine(unet, conditioner, p.start, p.count)(x, t)
+

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqd.calibration.params import ConfigQuant, LayerQuant
-from ptqd.quant_math import IntGrid, fake_quantize
+from ptqd.quant_math import IntGrid, dequantize, fake_quantize
 
 
 class FakeQuantLayer(nn.Module):
@@ -19,8 +19,8 @@ class FakeQuantLayer(nn.Module):
         self.layer = layer
         self.act_grid = IntGrid(act_bits)
         self.register_buffer("act_scale", lq.act_scale.to(torch.float32))
-        weight = fake_quantize(layer.weight.detach(), lq.weight_scale, IntGrid(weight_bits), axis=0)
-        self.register_buffer("weight_q", weight)
+        integers = lq.weight_integers(layer.weight, IntGrid(weight_bits))
+        self.register_buffer("weight_q", dequantize(integers, lq.weight_scale, axis=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fake_quantize(x, self.act_scale, self.act_grid)

@@ -7,7 +7,13 @@ coefficient of eps at that step.
 
 Policies: "off" (the base configuration everywhere), "snr:<dB>" (per step the cheapest
 configuration whose SNR after correction reaches the threshold), "budget:<ratio>" (least
-total noise with total BOPs at most ratio x the base configuration's, solved exactly).
+total noise with total BOPs at most ratio x the base configuration's, solved exactly),
+"latency:<ratio>" (least total noise with total estimated step latency on the target GPU at
+most ratio x the fastest candidate's on every step, latency.py, solved by the same DP).
+
+BOPs are the paper's metric; latency is what a GPU pays: w4a8 counts half the BOPs of w8a8
+but runs the same INT8 kernels, so only "latency:" stops trading accuracy for a saving that
+never happens.
 """
 from __future__ import annotations
 
@@ -19,11 +25,16 @@ from ptqd.calibration.layers import LayerInfo
 from ptqd.errors import UserError
 
 FLOAT_BITS = 32
+POLICY_KINDS = ("snr", "budget", "latency")
+RATIO_KINDS = ("budget", "latency")
+# the DP keys states on integer totals: latencies (ms, floats) become whole nanoseconds, so
+# equal sums are equal keys and the budget test is exact
+NS_PER_MS = 1_000_000
 
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str          # "off", "snr", "budget"
+    kind: str          # "off", "snr", "budget", "latency"
     value: float = 0.0
 
     @classmethod
@@ -31,12 +42,14 @@ class Policy:
         text = text.strip().lower()
         if text == "off":
             return cls("off")
-        match = re.fullmatch(r"(snr|budget):([0-9.]+)", text)
+        match = re.fullmatch(rf"({'|'.join(POLICY_KINDS)}):(\d+(?:\.\d*)?|\.\d+)", text)
         if not match:
-            raise UserError(f"--mixed-precision {text!r}: expected off, snr:<dB> or budget:<ratio>")
+            raise UserError(f"--mixed-precision {text!r}: expected off, snr:<dB>, budget:<ratio> "
+                            "or latency:<ratio>")
         kind, value = match.group(1), float(match.group(2))
-        if kind == "budget" and value < 1.0:
-            raise UserError("--mixed-precision budget ratio must be >= 1 (1 = the base configuration)")
+        if kind in RATIO_KINDS and value < 1.0:
+            reference = "the base configuration" if kind == "budget" else "the fastest configuration"
+            raise UserError(f"--mixed-precision {kind} ratio must be >= 1 (1 = {reference} on every step)")
         return cls(kind, value)
 
     def __str__(self) -> str:
@@ -94,11 +107,31 @@ def _pareto(states):
     return kept
 
 
+def latency_units(latency: dict[str, float], configs) -> dict[str, int]:
+    """Each configuration's estimated step latency (ms) in whole nanoseconds."""
+    missing = [c for c in configs if c not in latency]
+    if missing:
+        raise UserError(f"--mixed-precision latency: no latency estimate for {', '.join(sorted(missing))}")
+    return {c: round(latency[c] * NS_PER_MS) for c in configs}
+
+
+def choose_by_latency(noise: dict[str, list[float]], latency: dict[str, float], ratio: float) -> list[str]:
+    """Least total noise with total latency <= ratio x the fastest candidate's on every step."""
+    cost = latency_units(latency, noise)
+    steps = len(next(iter(noise.values())))
+    return choose_by_budget(noise, cost, ratio * min(cost.values()) * steps)
+
+
 def choose_schedule(policy: Policy, base: str, snr_db: dict[str, list[float]],
-                    noise: dict[str, list[float]], bops: dict[str, int]) -> list[str]:
+                    noise: dict[str, list[float]], bops: dict[str, int],
+                    latency: dict[str, float] | None = None) -> list[str]:
+    """One configuration per step. `latency`: estimated (or measured) ms per step and
+    configuration, needed by the latency policy only."""
     steps = len(snr_db[base])
     if policy.kind == "off":
         return [base] * steps
     if policy.kind == "snr":
         return choose_by_snr(snr_db, bops, policy.value)
+    if policy.kind == "latency":
+        return choose_by_latency(noise, latency or {}, policy.value)
     return choose_by_budget(noise, bops, policy.value * bops[base] * steps)

@@ -12,7 +12,7 @@ import torch
 from ptqd.calibration.configs import BitConfig, is_kept
 from ptqd.calibration.data import CalibrationData
 from ptqd.calibration.layers import quantizable_layers
-from ptqd.quant_math import IntGrid, activation_scale, weight_scales
+from ptqd.quant_math import IntGrid, activation_scale, quantize, weight_scales
 
 PARAMS_TENSORS = "quant_params.safetensors"
 PARAMS_JSON = "quant_params.json"
@@ -25,6 +25,15 @@ class LayerQuant:
     # 8-bit scale of the layer's output, used only by the CPU-fast ONNX Runtime graph, which
     # must quantize outputs for onnxruntime to fuse QLinearConv/QLinearMatMul
     output_scale: torch.Tensor | None = None
+    # the weight's integers as GPTQ chose them (int8, the weight's shape); None: nearest rounding
+    weight_int: torch.Tensor | None = None
+
+    def weight_integers(self, weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+        """The integers every graph flavour and the fake-quant model use (float grid values,
+        [out, ...] like the torch weight)."""
+        if self.weight_int is not None:
+            return self.weight_int.to(torch.float32)
+        return quantize(weight.detach(), self.weight_scale, grid, axis=0)
 
 
 @dataclass
@@ -32,6 +41,7 @@ class ConfigQuant:
     config: BitConfig
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
+    weight_rounding: str = "nearest"   # or "gptq" (calibration.gptq)
 
 
 def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple[str, ...]) -> ConfigQuant:
@@ -60,7 +70,10 @@ def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) 
             tensors[f"{name}/{layer}/act_scale"] = lq.act_scale.contiguous()
             if lq.output_scale is not None:
                 tensors[f"{name}/{layer}/output_scale"] = lq.output_scale.contiguous()
+            if lq.weight_int is not None:
+                tensors[f"{name}/{layer}/weight_int"] = lq.weight_int.to(torch.int8).contiguous()
         doc["configs"][name] = {"weight_bits": q.config.weight_bits, "act_bits": q.config.act_bits,
+                                "weight_rounding": q.weight_rounding,
                                 "weight_granularity": "per-channel(axis=0)",
                                 "act_granularity": "per-tensor", "zero_point": 0,
                                 "quantized_layers": sorted(q.layers), "kept_layers": sorted(q.kept)}
@@ -83,10 +96,12 @@ def load_params(folder: Path) -> dict[str, ConfigQuant]:
                         "recalibrate, or check the output with `ptqd verify`") from None
     out = {}
     for name, meta in doc["configs"].items():
-        q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]))
+        q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]),
+                        weight_rounding=meta.get("weight_rounding", "nearest"))
         for layer in meta["quantized_layers"]:
             q.layers[layer] = LayerQuant(tensors[f"{name}/{layer}/weight_scale"],
                                          tensors[f"{name}/{layer}/act_scale"],
-                                         tensors.get(f"{name}/{layer}/output_scale"))
+                                         tensors.get(f"{name}/{layer}/output_scale"),
+                                         tensors.get(f"{name}/{layer}/weight_int"))
         out[name] = q
     return out

@@ -13,16 +13,25 @@ from tqdm import tqdm
 from ptqd.calibration.artifact import write_ptqd_json
 from ptqd.calibration.configs import (DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY, FLOAT_CONFIG,
                                      BitConfig, candidate_configs, is_kept)
-from ptqd.calibration.data import CHUNK, CalibrationData, collect
+from ptqd.calibration.data import CHUNK, CalibrationData, collect, probe_predictions, probes
 from ptqd.calibration.fakequant import fake_quant_unet
-from ptqd.calibration.layers import measure_layers
+from ptqd.calibration.gptq import BLOCK, DAMP, reconstruct_weights
+from ptqd.calibration.gpus import DEFAULT_GPU, gpu_spec
+from ptqd.calibration.latency import estimate_step_latency, same_cost
+from ptqd.calibration.layers import measure_float_ops, measure_layers
 from ptqd.calibration.mixed_precision import Policy, choose_schedule, config_bops, fp32_bops
 from ptqd.calibration.noise_stats import CORRECTIONS, StepStats, step_stats
-from ptqd.calibration.params import calibrate_config, save_params
+from ptqd.calibration.params import ConfigQuant, calibrate_config, save_params
+from ptqd.calibration.sensitivity import (SENSITIVITY_PROBES, SENSITIVITY_STEPS, layer_sensitivity, probe_mse,
+                                          write_sensitivity)
 from ptqd.calibration.trajectory import chunk_engine
+from ptqd.ddim import ddim_timeline
 from ptqd.errors import UserError
 from ptqd.runtime.schedule import fold_step
-from ptqd.ddim import ddim_timeline
+
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# recorded (x_t, t) whose layer inputs build GPTQ's Hessians, spread over every step
+GPTQ_PROBES = 256
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,14 @@ class CalibrationRequest:
     # conditional models: None = the kind's default (conditions.DEFAULT_GUIDANCE)
     guidance_scale: float | None = None
     conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
+    weight_rounding: str | None = None   # None: gptq below 8 weight bits, else nearest
+    target_gpu: str = DEFAULT_GPU        # whose datasheet peaks price the latency estimates
+
+    @property
+    def rounding(self) -> str:
+        if self.weight_rounding is not None:
+            return self.weight_rounding
+        return "gptq" if self.bits < 8 else "nearest"
 
     def validate(self) -> tuple[BitConfig, Policy]:
         base = BitConfig(self.bits, self.act_bits)
@@ -49,6 +66,9 @@ class CalibrationRequest:
             raise UserError(f"--calib-samples {self.calib_samples} is too few (at least 8)")
         if self.correction not in ("auto", *CORRECTIONS):
             raise UserError(f"--correction {self.correction!r}: expected auto or {', '.join(CORRECTIONS)}")
+        if self.weight_rounding not in (None, *WEIGHT_ROUNDINGS):
+            raise UserError(f"--weight-rounding {self.weight_rounding!r}: expected {' or '.join(WEIGHT_ROUNDINGS)}")
+        gpu_spec(self.target_gpu)
         return base, policy
 
 
@@ -88,11 +108,17 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     conditioner = torch_conditioner(model, spec)
     configs = candidate_configs(base, list(req.extra_configs))
     start = time.perf_counter()
-    layers = measure_layers(unet, tuple(latent_shape(unet)), example_conditioning(model, spec, 1))
+    example = example_conditioning(model, spec, 1)
+    layers = measure_layers(unet, tuple(latent_shape(unet)), example)
+    # one image per UNet call (two samples when guided); known before minutes of calibration
+    latency_batch = 2 if spec.guided else 1
+    latency = estimate_step_latency(layers, measure_float_ops(unet, tuple(latent_shape(unet)), example),
+                                    [c.name for c in configs], req.keep, batch=latency_batch, gpu=req.target_gpu)
     quantized = [layer.name for layer in layers if not is_kept(layer.name, req.keep)]
     data = collect(unet, sched_cfg, req.steps, req.eta, req.calib_samples, req.seed, quantized,
                    conditioner=conditioner)
     quants = [calibrate_config(unet, cfg, data, req.keep) for cfg in configs]
+    reconstruction = _reconstruct(unet, quants, data, req.rounding, conditioner)
     n_fit = max(4, req.calib_samples * 3 // 4)
     stats = {}
     with tqdm(total=len(configs) * req.steps, desc="PTQD statistics", unit="step",
@@ -103,16 +129,65 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     bops = {c.name: config_bops(layers, c.weight_bits, c.act_bits, req.keep) for c in configs}
     noise = {name: _step_noise(s, timeline, req.eta) for name, s in stats.items()}
     snr = {name: [st.snr_db for st in s] for name, s in stats.items()}
-    schedule = choose_schedule(policy, base.name, snr, noise, bops)
+    schedule = choose_schedule(policy, base.name, snr, noise, bops, latency)
+    sensitivity = _sensitivity(unet, quants[configs.index(base)], data, layers, conditioner)
     doc = _document(req, source, base, policy, configs, quants, layers, timeline, stats, bops,
                     schedule, time.perf_counter() - start)
     doc["conditioning"] = {"kind": spec.kind, "guidance_scale": spec.guidance_scale,
                            "calibration_conditions": spec.default_conditions}
+    doc["weight_rounding"] = reconstruction
+    doc["latency"] = _latency_doc(latency, schedule, req.target_gpu, latency_batch)
     folder.mkdir(parents=True, exist_ok=True)
     save_params(folder, quants, req.keep)
+    write_sensitivity(folder, sensitivity)
     write_ptqd_json(folder, doc)
     print_summary(doc)
+    print_sensitivity(sensitivity)
     return doc
+
+
+def _latency_doc(latency: dict[str, float], schedule: list[str], gpu: str, batch: int) -> dict:
+    """Estimated step latencies and what the schedule costs against all-FP16 on the target."""
+    total = sum(latency[c] for c in schedule)
+    return {"kind": "estimated", "method": "roofline per layer from datasheet peaks (calibration/latency.py)",
+            "target_gpu": gpu_spec(gpu).label, "batch": batch, "ms_per_step": latency,
+            "schedule_ms": total, "fp16_schedule_ms": latency["fp16"] * len(schedule),
+            "speedup_vs_fp16": latency["fp16"] * len(schedule) / total,
+            "same_cost": [g for g in same_cost({c: latency[c] for c in set(schedule)})]}
+
+
+def _reconstruct(unet, quants: list[ConfigQuant], data: CalibrationData, rounding: str, conditioner) -> dict:
+    """GPTQ (when asked) on every configuration's weights; what was done, for ptqd.json."""
+    if rounding != "gptq":
+        return {"method": "nearest"}
+    start = time.perf_counter()
+    blocks = probes(data, GPTQ_PROBES)
+    click.echo(f"GPTQ weight reconstruction ({sum(b.count for b in blocks)} recorded inputs over "
+               f"{len(blocks)} steps) ...", err=True)
+
+    def run_probes():
+        for _ in probe_predictions(unet, data, blocks, conditioner):
+            pass
+
+    reconstruct_weights(unet, quants, run_probes)
+    return {"method": "gptq", "probes": sum(b.count for b in blocks), "damp": DAMP, "block": BLOCK,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _sensitivity(unet, quant: ConfigQuant, data: CalibrationData, layers, conditioner) -> dict:
+    blocks = probes(data, SENSITIVITY_PROBES, SENSITIVITY_STEPS)
+    everything = probe_mse(fake_quant_unet(unet, quant), data, blocks, conditioner)
+    return layer_sensitivity(unet, quant, data, blocks, layers, conditioner, all_layers_mse=everything)
+
+
+def print_sensitivity(doc: dict, top: int = 5) -> None:
+    share = lambda rows: sum(r["macs_share"] for r in rows)
+    rows = doc["layers"][:top]
+    click.echo(f"most sensitive layers ({doc['config']}, eps MSE with only that layer quantized; all layers "
+               f"{doc['all_layers_mse']:.2e}; full map in calibration/sensitivity.json):")
+    for r in rows:
+        click.echo(f"  {r['mse']:.2e}  {r['macs_share'] * 100:4.1f} % MACs  {r['layer']}")
+    click.echo(f"  (these {len(rows)} hold {share(rows) * 100:.1f} % of the UNet's Conv/Linear MACs)")
 
 
 def _document(req, source, base, policy, configs, quants, layers, timeline, stats, bops, schedule, seconds):
@@ -159,3 +234,10 @@ def print_summary(doc: dict) -> None:
     runs = ", ".join(f"{c}×{n}" for c, n in mp["counts"].items())
     click.echo(f"schedule ({mp['policy']}): {runs}; BOPs {mp['bops_total']:.3e}, "
                f"{mp['saving_vs_fp32']:.1f}× fewer than FP32; calibration {doc['calibration_seconds']} s")
+    lat = doc["latency"]
+    per = ", ".join(f"{c} {ms * 1e3:.1f} µs" for c, ms in lat["ms_per_step"].items())
+    click.echo(f"latency per step on {lat['target_gpu']} (estimated, batch {lat['batch']}): {per}; "
+               f"schedule {lat['schedule_ms']:.3f} ms, {lat['speedup_vs_fp16']:.2f}× faster than all-FP16")
+    for group in lat["same_cost"]:
+        click.echo(f"note: the schedule mixes {' and '.join(sorted(group))}, which cost the same on "
+                   f"{lat['target_gpu']} (same kernels); its BOPs difference is not a GPU saving")

@@ -1,16 +1,43 @@
 """OUT/engines/build_engines.sh: the exact trtexec commands that build this output's engines
-in NVIDIA's TensorRT container, for machines (like ours) where TensorRT cannot be installed."""
+in NVIDIA's TensorRT container, for machines (like ours) where TensorRT cannot be installed.
+
+After building, the script checks every plan against ONNX Runtime on the same inputs
+(Polygraphy) and times it at its profile's opt batch (trtexec), writing
+engines/<plan stem>.timing.json (ptqd/engines/timing.py reads it back).
+"""
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-from ptqd.engines.release import TENSORRT_IMAGE
+import onnx
+
 from ptqd.engines.jobs import EngineJob
+from ptqd.engines.release import TENSORRT_IMAGE
 from ptqd.engines.tensorrt import BuildSettings
+from ptqd.runtime.layout import TIMING_FILE, graph_path
 
 SCRIPT_NAME = "build_engines.sh"
 TIMING_CACHE = "engines/timing.cache"
+CHECK_DIR = "engines/.check"   # hidden: scratch, not an artifact of OUT (ptqd.output.is_artifact)
+
+# Polygraphy's pass rule for one output: the 99th percentile of |plan - reference| within ATOL
+# (or of the relative error within RTOL). Measured with ONNX Runtime and torch on the built-in
+# model (batch 4, these value ranges; eps has unit variance): correct implementations of one
+# quantized graph differ because activations near a rounding boundary land on the neighbouring
+# integer: the torch fake-quant model vs the reference graph, 99th percentile 0.008-0.020 in
+# FP32, 0.019-0.021 in FP16, 0.024-0.025 in bfloat16 (max 0.010-0.039, hence a percentile and
+# not the max). Mistakes measured against the same reference: the other configuration's graph
+# 0.094, one convolution's weight scale doubled 0.109; both fail at 0.05. The FP16 VAE decoder
+# vs its FP32 graph: 0.0006. A doubled activation scale of one layer (0.015) passes: the check
+# catches broken plans, not small drifts of one scale.
+CHECK_QUANTILE = 0.99
+CHECK_ATOL = 0.05
+CHECK_RTOL = 0.05
+FLOAT_RANGE = (-2.0, 2.0)      # sample, latents, encoder_hidden_states: about unit variance
+TIMESTEP_RANGE = (0, 999)      # diffusers schedulers' 1000 training timesteps
+# ops that pass an index tensor through unchanged on its way to the embedding Gather
+_INDEX_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 
 
 def _shape_arg(shapes: dict, which: int) -> str:
@@ -29,42 +56,175 @@ def trtexec_command(job: EngineJob, settings: BuildSettings) -> list[str]:
             f"--memPoolSize=workspace:{settings.workspace_mib}", "--skipInference"]
 
 
-SCRIPT_HEAD = '''#!/usr/bin/env bash
-# Builds the TensorRT engines of this ptqd output. Written by ptqd because TensorRT was not
-# available where the output was made. Run it from the output directory inside NVIDIA's
-# TensorRT container of the release the Triton image uses:
+def reference_graph(job: EngineJob) -> Path:
+    """What a plan is checked against: a UNet's ONNX Runtime reference graph (the fake-quant
+    model's exact twin, FP32), the decoder's and text encoder's FP32 graphs; the graph
+    TensorRT built where no such twin was exported."""
+    if job.name.startswith("unet_"):
+        ref = graph_path(job.onnx.parent, job.config, "onnxruntime")
+        return ref if ref.is_file() else job.onnx
+    return job.cpu_onnx
+
+
+def _embedding_rows(graph: onnx.GraphProto, name: str) -> int | None:
+    """Rows of the table an integer input indexes (class embedding, token embedding)."""
+    tables = {t.name: t.dims for t in graph.initializer}
+    frontier, seen = [name], set()
+    while frontier:
+        tensor = frontier.pop()
+        seen.add(tensor)
+        for node in graph.node:
+            if node.op_type == "Gather" and node.input[1:2] == [tensor] and node.input[0] in tables:
+                return int(tables[node.input[0]][0])
+            if node.op_type in _INDEX_PASS_THROUGH and node.input[:1] == [tensor]:
+                frontier += [o for o in node.output if o not in seen]
+    return None
+
+
+def value_ranges(onnx_path: Path) -> dict[str, tuple]:
+    """Per input, the range Polygraphy draws values from: integer inputs stay valid indices
+    (an out-of-range index is an error in ONNX Runtime and undefined in TensorRT)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    ranges = {}
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            rows = _embedding_rows(graph, inp.name)
+            ranges[inp.name] = (0, (rows or 1) - 1)
+        else:
+            ranges[inp.name] = TIMESTEP_RANGE if inp.name == "timestep" else FLOAT_RANGE
+    return ranges
+
+
+def check_arguments(job: EngineJob) -> list[str]:
+    """check_plan's arguments: plan stem, reference graph, opt input shapes, value ranges."""
+    ref = reference_graph(job)
+    shapes = " ".join(f"{n}:[{','.join(str(d) for d in per[1])}]" for n, per in job.shapes.items())
+    ranges = " ".join(f"{n}:[{lo},{hi}]" for n, (lo, hi) in value_ranges(ref).items() if n in job.shapes)
+    return [job.name, ref.name, shapes, ranges]
+
+
+def timing_arguments(job: EngineJob) -> list[str]:
+    """time_plan's arguments: plan stem, configuration, opt batch, trtexec --shapes."""
+    return [job.name, job.config, str(next(iter(job.shapes.values()))[1][0]), _shape_arg(job.shapes, 1)]
+
+
+# Placeholders are @NAME@ so that bash's own braces and dollars need no escaping.
+SCRIPT_HEAD = r'''#!/usr/bin/env bash
+# Builds the TensorRT engines of this ptqd output, then checks each plan against ONNX Runtime
+# on the same inputs (Polygraphy) and times it at its profile's opt batch (trtexec). Written by
+# ptqd because TensorRT was not available where the output was made. Run it from the output
+# directory inside NVIDIA's TensorRT container of the release the Triton image uses:
 #
-#   docker run --rm --gpus all -v "$PWD":/out -w /out {image} bash engines/{script}
+#   docker run --rm --gpus all -v "$PWD":/out -w /out @IMAGE@ bash -c \
+#     'PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q polygraphy onnxruntime && bash engines/@SCRIPT@'
 #
 # An engine runs only with the TensorRT version and GPU architecture that built it; the
-# metadata written beside each plan records both.
+# metadata written beside each plan records both. engines/<plan>.timing.json holds the
+# measured latency. Environment: PTQD_SKIP_CHECK=1 builds and times without the check;
+# PTQD_CHECK_ATOL / PTQD_CHECK_RTOL change its tolerances (default @ATOL@ / @RTOL@ on the
+# @QUANTILE@ quantile of the error); scratch files of the check stay in @CHECK_DIR@.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v trtexec >/dev/null || {{ echo "trtexec not found: run this inside {image}" >&2; exit 1; }}
+command -v trtexec >/dev/null || { echo "trtexec not found: run this inside @IMAGE@" >&2; exit 1; }
+SKIP_CHECK=${PTQD_SKIP_CHECK:-0}
+ATOL=${PTQD_CHECK_ATOL:-@ATOL@}
+RTOL=${PTQD_CHECK_RTOL:-@RTOL@}
+if [ "$SKIP_CHECK" != 1 ] && ! { command -v polygraphy >/dev/null && python3 -c 'import onnxruntime' 2>/dev/null; }; then
+  echo "polygraphy and onnxruntime check the plans: PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install polygraphy onnxruntime (or PTQD_SKIP_CHECK=1 to skip the check)" >&2
+  exit 1
+fi
+TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)
+GPU_CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || true)
+GPU_NAME=${GPU_NAME:-unknown}
+GPU_CC=${GPU_CC:-unknown}
+FAILED=()
 
-write_metadata() {{  # name config source-onnx batch-profile optimization-level
-  local trt gpu cc
-  trt=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)
-  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || echo unknown)
-  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 || echo unknown)
-  printf '{{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "source_onnx": "%s", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}}\\n' \\
-    "$2" "$trt" "$gpu" "$cc" "$3" "$(sha256sum "onnx/$3" | cut -d' ' -f1)" "$4" "$5" \\
+write_metadata() {  # name config source-onnx batch-profile optimization-level
+  printf '{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {"name": "%s", "compute_capability": "%s"}, "source_onnx": "%s", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}\n' \
+    "$2" "$TRT_VERSION" "$GPU_NAME" "$GPU_CC" "$3" "$(sha256sum "onnx/$3" | cut -d' ' -f1)" "$4" "$5" \
     > "engines/$1.json"
-}}
+}
+
+check_plan() {  # name reference-onnx "input shapes" "value ranges"
+  if [ "$SKIP_CHECK" = 1 ]; then echo "engines/$1.plan: not checked (PTQD_SKIP_CHECK=1)"; return 0; fi
+  local dir="@CHECK_DIR@/$1" shapes ranges
+  read -r -a shapes <<< "$3"   # one word per input; read does not glob the brackets
+  read -r -a ranges <<< "$4"
+  mkdir -p "$dir"
+  if ! polygraphy run "onnx/$2" --onnxrt --input-shapes "${shapes[@]}" --val-range "${ranges[@]}" --seed 0 \
+      --save-inputs "$dir/inputs.json" --save-outputs "$dir/onnxrt.json" > "$dir/onnxrt.log" 2>&1; then
+    echo "engines/$1.plan: ONNX Runtime could not run onnx/$2 (see $dir/onnxrt.log)" >&2
+    FAILED+=("$1"); return 0
+  fi
+  if polygraphy run "engines/$1.plan" --model-type engine --trt --load-inputs "$dir/inputs.json" \
+      --load-outputs "$dir/onnxrt.json" --validate --check-error-stat quantile \
+      --error-quantile @QUANTILE@ --atol "$ATOL" --rtol "$RTOL" > "$dir/check.log" 2>&1; then
+    echo "engines/$1.plan matches onnx/$2 (ONNX Runtime): @QUANTILE@ quantile of the error within atol $ATOL or rtol $RTOL"
+  else
+    grep -E "Required Tolerance|FAILED|NaN|Inf" "$dir/check.log" | tail -n 3 >&2 || true
+    echo "engines/$1.plan DIFFERS from onnx/$2 (ONNX Runtime) beyond atol $ATOL / rtol $RTOL (see $dir/check.log)" >&2
+    FAILED+=("$1")
+  fi
+}
+
+time_plan() {  # name config opt-batch trtexec-shapes
+  local log median
+  # CUDA graph, no host<->device copies: the GPU time of one denoising call, as the sampler's
+  # --cuda-graph runs it (TensorRT 11's trtexec does this by default and takes the flags as no-ops)
+  if ! log=$(trtexec --loadEngine="engines/$1.plan" --shapes="$4" --useCudaGraph --noDataTransfers \
+      --useSpinWait 2>&1); then
+    printf '%s\n' "$log" | tail -n 5 >&2
+    echo "engines/$1.plan: trtexec could not time it" >&2
+    FAILED+=("$1"); return 0
+  fi
+  median=$(printf '%s\n' "$log" | sed -n 's/.*GPU Compute Time: .*median = \([0-9.][0-9.]*\) ms.*/\1/p' | tail -n 1)
+  if [ -z "$median" ]; then
+    echo "engines/$1.plan: no 'GPU Compute Time ... median' in trtexec's output" >&2
+    FAILED+=("$1"); return 0
+  fi
+  printf '{"format_version": 1, "engine": "%s.plan", "config": "%s", "median_ms": %s, "batch": %s, "measured_by": "trtexec", "tensorrt_version": "%s", "gpu": "%s", "cuda_graph": true}\n' \
+    "$1" "$2" "$median" "$3" "$TRT_VERSION" "$GPU_NAME" > "engines/@TIMING_FILE@"
+  echo "engines/$1.plan ($2): median $median ms per call at batch $3 on $GPU_NAME (trtexec GPU Compute Time)"
+}
+'''
+
+SCRIPT_TAIL = r'''
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]}" >&2
+  exit 1
+fi
 '''
 
 
+def _script_head() -> str:
+    values = {"IMAGE": TENSORRT_IMAGE, "SCRIPT": SCRIPT_NAME, "ATOL": str(CHECK_ATOL), "RTOL": str(CHECK_RTOL),
+              "QUANTILE": str(CHECK_QUANTILE), "CHECK_DIR": CHECK_DIR,
+              "TIMING_FILE": TIMING_FILE.format(name="$1")}
+    text = SCRIPT_HEAD
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+def _call(function: str, args: list[str]) -> str:
+    return " ".join([function, *(shlex.quote(a) for a in args)])
+
+
 def build_script(jobs: list[EngineJob], settings: BuildSettings) -> str:
-    lines = [SCRIPT_HEAD.format(image=TENSORRT_IMAGE, script=SCRIPT_NAME)]
+    lines = [_script_head()]
     for job in jobs:
         lines.append(f"# {job.note}")
         cmd = trtexec_command(job, settings)
         lines.append(" \\\n  ".join(shlex.quote(part) for part in cmd))
         # engines/<name>.json beside the plan, as the Python builder writes it
-        args = (job.name, job.config, job.onnx.name, str(settings.profile))
-        lines.append("write_metadata " + " ".join(shlex.quote(a) for a in args) + f" {settings.optimization_level}")
+        args = [job.name, job.config, job.onnx.name, str(settings.profile), str(settings.optimization_level)]
+        lines.append(_call("write_metadata", args))
         lines.append(f'echo "built engines/{job.plan_name}"\n')
-    return "\n".join(lines)
+    lines.append("# every plan against ONNX Runtime on the same inputs, then its latency at the opt batch")
+    lines += [_call("check_plan", check_arguments(job)) for job in jobs]
+    lines += [_call("time_plan", timing_arguments(job)) for job in jobs]
+    return "\n".join(lines) + "\n" + SCRIPT_TAIL
 
 
 def write_build_script(engines_dir: Path, jobs: list[EngineJob], settings: BuildSettings) -> Path:

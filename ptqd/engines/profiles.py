@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqd.errors import UserError
-from ptqd.runtime.layout import ORT_MANIFEST
+from ptqd.runtime.layout import ORT_MANIFEST, TIMING_FILE
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class BatchProfile:
 def recorded_profile(engines_dir: Path) -> BatchProfile | None:
     """The batch range OUT/engines was built for (plan metadata, else onnxruntime.json), or
     None where no engines were built."""
-    metas = sorted(engines_dir.glob("unet_*.json")) + [engines_dir / ORT_MANIFEST]
+    # unet_<cfg>.json beside each plan; not its unet_<cfg>.timing.json
+    metas = sorted(p for p in engines_dir.glob("unet_*.json") if not p.name.endswith(TIMING_FILE.format(name="")))
+    metas.append(engines_dir / ORT_MANIFEST)
     for meta in metas:
         if meta.is_file():
             try:

@@ -66,9 +66,33 @@ def _costs(m: dict) -> str:
         size_rows.append([cfg, *(_num(flavours[f] / 1e6 if flavours[f] else None, ".2f")
                                  for f in ("tensorrt", "onnxruntime", "cpu-fast"))])
     plans = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in s["plans"].items()) or "none built"
-    return (_table(["configuration", "BOPs per step", "saving vs FP32"], bops_rows)
+    return (_table(["configuration", "BOPs per step", "saving vs FP32"], bops_rows) + _latency(m)
             + _table(["graph (MB)", "TensorRT flavour", "ONNX Runtime INT4 reference", "CPU-fast"], size_rows)
             + f'<p class="note">TensorRT plans: {_e(plans)}.</p>')
+
+
+def _latency(m: dict) -> str:
+    lat = m.get("latency")
+    if lat is None:
+        return ""
+    rows = [[c, f"{r['ms'] * 1e3:.2f}", r["source"]] for c, r in lat["per_config"].items()]
+    same = "".join(f" The schedule mixes {' and '.join(g)}, which cost the same on the target: their BOPs "
+                   "difference is no GPU saving." for g in lat["same_cost"])
+    return (_table(["configuration", "UNet step latency (µs)", "source"], rows)
+            + f'<p class="note">Schedule: {lat["schedule_ms"]:.3f} ms of UNet time ({lat["source"]}), '
+              f'{lat["speedup_vs_fp16"]:.2f}× faster than all-FP16.{_e(same)}</p>')
+
+
+def _sensitivity(m: dict) -> str:
+    s = m.get("sensitivity")
+    rounding = m.get("weight_rounding", {}).get("method", "nearest")
+    if s is None:
+        return '<p class="note">Not recorded by this calibration (made before ptqd measured it).</p>'
+    rows = [[r["layer"], r["kind"], f"{r['mse']:.2e}", f"{r['macs_share'] * 100:.1f} %"] for r in s["top"]]
+    return (f'<p class="note">{_e(s["config"])}, weights {_e(rounding)}: {_e(s["method"])} ({s["probes"]} '
+            f'probes). All {s["layers_total"]} quantized layers together: {s["all_layers_mse"]:.2e}. The '
+            f'{len(rows)} most sensitive layers, candidates for <code>--keep</code>:</p>'
+            + _table(["layer", "kind", "eps MSE, only this layer quantized", "share of MACs"], rows))
 
 
 def render(m: dict, images: dict[str, bytes]) -> str:
@@ -99,12 +123,17 @@ variant's first (warm-up) calls.</p>
 {_img(images, 'snr', 'SNR before and after correction')}
 {_img(images, 'step_error', 'latent error to FP32 per step')}
 {_steps(m)}
+<h2>Per-layer sensitivity</h2>
+{_sensitivity(m)}
 <h2>Cost</h2>
 {_costs(m)}
 <h2>What ran where</h2>
 <ul><li>Report sampling: {_e(m['engines']['report_sampling'])}; {_e(timing)}.</li>
 <li>TensorRT engines: {_e(m['engines']['tensorrt'])}.</li>
 <li>Triton repository: {_e(m['triton'])}.</li>
-<li>Calibration took {m['timings']['calibration_seconds']} s; this report {m['timings'].get('report_seconds', '—')} s.</li></ul>
+<li>Calibration took {m['timings']['calibration_seconds']} s; this report {m['timings'].get('report_seconds', '—')} s.</li>
+<li>4-bit activations (w4a4 and any w*a4 configuration) are an accuracy study, not a speed-up: no runtime ptqd
+deploys to has 4-bit activation kernels (TensorRT's INT4 is weight-only; ONNX Runtime's QLinear kernels are
+8-bit).</li></ul>
 </body></html>
 """

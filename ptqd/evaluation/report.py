@@ -143,6 +143,42 @@ def _figures(doc: dict, variants: list, steps: list[dict], per_config: dict, err
             "samples": plots.sample_grids(grids)}
 
 
+def _latency(out: Path, doc: dict) -> dict | None:
+    """Step latency per configuration: measured where TensorRT plans were timed
+    (engines/unet_<cfg>.timing.json), else calibration's roofline estimate; the schedule's total
+    and its speed-up over all-FP16 from the same source where every configuration has one."""
+    from ptqd.engines.timing import measured_latencies
+
+    est = doc.get("latency")
+    if est is None:
+        return None
+    measured = measured_latencies(out / "engines")
+    rows = {c: {"ms": ms, "source": f"estimated ({est['target_gpu']}, batch {est['batch']})"}
+            for c, ms in est["ms_per_step"].items()}
+    for cfg, rec in measured.items():
+        rows[cfg] = {"ms": rec["median_ms"], "source": f"measured ({rec.get('gpu', '?')}, batch {rec['batch']}, "
+                                                     f"{rec.get('measured_by', '?')})"}
+    schedule = [s["config"] for s in doc["steps"]]
+    source = "measured" if all(c in measured for c in set(schedule) | {"fp16"}) else "estimated"
+    pick = {c: (measured[c]["median_ms"] if source == "measured" else est["ms_per_step"][c])
+            for c in set(schedule) | {"fp16"}}
+    total = sum(pick[c] for c in schedule)
+    return {"per_config": rows, "schedule_ms": total, "source": source,
+            "speedup_vs_fp16": pick["fp16"] * len(schedule) / total, "same_cost": est.get("same_cost", [])}
+
+
+def _sensitivity(out: Path, top: int = 10) -> dict | None:
+    """The most sensitive layers of calibration/sensitivity.json (None for an older calibration)."""
+    from ptqd.calibration.sensitivity import SENSITIVITY_JSON
+
+    path = out / "calibration" / SENSITIVITY_JSON
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return {"config": doc["config"], "method": doc["method"], "probes": doc["probes"],
+            "all_layers_mse": doc["all_layers_mse"], "layers_total": len(doc["layers"]), "top": doc["layers"][:top]}
+
+
 def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
     from ptqd.calibration.artifact import load_ptqd_json
     from ptqd.model import resolve_model
@@ -164,6 +200,8 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
         "timings": {"calibration_seconds": doc["calibration_seconds"],
                     "sampling_seconds": {n: r["sampling_seconds"] for n, r in rows.items()}},
         "engines": _engines(out), "triton": _triton(out),
+        "weight_rounding": doc.get("weight_rounding", {"method": "nearest"}), "sensitivity": _sensitivity(out),
+        "latency": _latency(out, doc),
     }
     metrics["headline"] = headline(metrics)
     return metrics, _figures(doc, variants, steps, per_config, errors)

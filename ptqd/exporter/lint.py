@@ -1,4 +1,5 @@
-"""`ptqd lint`: a QDQ graph checked against TensorRT's explicit-quantization rules.
+"""`ptqd lint`: a QDQ graph checked against TensorRT's explicit-quantization rules, and (for
+TensorRT, which builds strongly typed) against FP32 compute outside the declared exceptions.
 
 Each violation names the node and the rule (BACKENDS.md, TRT_API.md §3). The `onnxruntime`
 target drops the rules that exist only because of TensorRT's kernels (INT4 is weight-only
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from ptqd.exporter.fp16 import EXCEPTIONS_KEY, fp32_exceptions, fp32_slot
 
 TARGETS = ("tensorrt", "onnxruntime")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -27,10 +30,15 @@ RULES = {
     "int4-conv": "TensorRT has no INT4 convolution (store the 4-bit grid as INT8)",
     "int4-blocked": "INT4 MatMul/Gemm weights need block quantization (block 64 or 128)",
     "opset": "INT4 and block quantization need opset >= 21, per-channel needs >= 13",
+    "fp32-compute": "a strongly typed TensorRT build runs an op on FP32 tensors in FP32: make it FP16 "
+                    f"or name it in the graph's {EXCEPTIONS_KEY} metadata with its reason",
 }
 # TensorRT-specific: INT4 kernels, and the placement TensorRT fuses best; onnxruntime's
 # fast graphs need the opposite placement (quantized outputs feeding several ops).
-TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair"}
+TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair", "fp32-compute"}
+# Not compute: a Cast is the boundary between precisions (the graph's float32 I/O included),
+# Constant creates data, Shape/Size read only a tensor's dimensions.
+NOT_COMPUTE = ("Cast", "Constant", "Shape", "Size")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,26 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
             out.append(Violation(dq.name, "opset", f"INT4 at opset {g.opset}"))
 
 
+def _check_fp32_compute(model: onnx.ModelProto, out: list[Violation]) -> None:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # a graph ONNX cannot type cannot be judged on types
+        out.append(Violation(model.graph.name or "graph", "fp32-compute", f"type inference failed: {exc}"))
+        return
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    exceptions = fp32_exceptions(model)
+    for node in g.node:
+        if node.op_type in NOT_COMPUTE or node.name in exceptions:
+            continue
+        fp32 = [name for i, name in enumerate(node.input)
+                if name and types.get(name) == TensorProto.FLOAT and not fp32_slot(node.op_type, i)]
+        fp32 += [name for name in node.output if types.get(name) == TensorProto.FLOAT]
+        if fp32:
+            out.append(Violation(node.name, "fp32-compute", f"{node.op_type} on FP32 {fp32[0]}"))
+
+
 def lint_model(model: onnx.ModelProto, target: str = "tensorrt") -> list[Violation]:
     if target not in TARGETS:
         raise ValueError(f"unknown lint target {target!r}")
@@ -145,7 +173,9 @@ def lint_model(model: onnx.ModelProto, target: str = "tensorrt") -> list[Violati
             _check_quantize(g, node, out)
         elif node.op_type == "DequantizeLinear":
             _check_dequantize(g, node, out)
-    if target != "tensorrt":
+    if target == "tensorrt":
+        _check_fp32_compute(model, out)
+    else:
         out = [v for v in out if v.rule not in TRT_ONLY]
     return out
 

@@ -14,6 +14,7 @@ def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
     a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
     return {
         "tensorrt": {"graph": "unet_<cfg>.onnx", "weights": w_trt, "activations": a_trt,
+                     "scales": "FP16 (the Q input's type; DQ emits FP16)",
                      "executes": "INT8 kernel" + ("" if op in CONV_OPS else " (INT4 in TensorRT is "
                                                   "weight-only, which would drop the activation quantization)")},
         "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": f"INT{weight_bits}",
@@ -38,7 +39,9 @@ def layer_role(name: str, op: str) -> str:
     return "convolution" if op in CONV_OPS else "linear"
 
 
-def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto) -> dict:
+def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto,
+                   fp32_exceptions: dict[str, dict[str, str]] | None = None) -> dict:
+    """fp32_exceptions: per configuration, its TensorRT graph's nodes kept FP32 (name -> reason)."""
     float_matmuls = sorted(n.name for n in fp_model.graph.node if n.op_type == "MatMul"
                            and n.name not in {node.name for node in nodes.values()})
     plan = {"format_version": 1, "configs": {}}
@@ -51,9 +54,23 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
                                                        quant.config.act_bits))
             else:
                 entry.update(requested="fp32", reason="kept in float (first/last conv or time "
-                             "embedding by default; see keep_patterns)")
+                             "embedding by default; see keep_patterns)", **KEPT_STORAGE)
             layers.append(entry)
         plan["configs"][cfg] = {"layers": layers, "float_ops": {
             "attention_matmuls": float_matmuls,
-            "reason": "attention score matmuls (QK^T, PV) stay in float unless asked (PTQD.md §1)"}}
+            "reason": "attention score matmuls (QK^T, PV) stay in float unless asked (PTQD.md §1)"},
+            "tensorrt_float": tensorrt_float((fp32_exceptions or {}).get(cfg, {}))}
     return plan
+
+
+# a layer kept in float: FP16 in the graph TensorRT builds, FP32 in ONNX Runtime's graphs
+KEPT_STORAGE = {"tensorrt": {"graph": "unet_<cfg>.onnx", "weights": "FP16", "executes": "FP16 kernel"},
+                "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
+
+
+def tensorrt_float(exceptions: dict[str, str]) -> dict:
+    """The float path of the TensorRT graph (exporter/fp16.py), with its FP32 exceptions."""
+    return {"type": "FP16",
+            "interface": "float32 inputs and output, each behind one Cast (class_labels stays int64)",
+            "why": "TensorRT builds strongly typed: every op runs in its tensors' type",
+            "fp32_exceptions": [{"node": n, "reason": r} for n, r in sorted(exceptions.items())]}

@@ -8,7 +8,8 @@ FP graph by name (onnx_fp.layer_nodes) and given
 Nothing is placed on layer outputs. These are TensorRT's explicit-quantization rules
 (BACKENDS.md); `lint.py` checks them on whatever is written.
 
-Integer values come from ptqd.quant_math.quantize, the function the fake-quant model uses.
+Integer values are the ones the fake-quant model uses: LayerQuant.weight_integers (GPTQ's
+choice, or ptqd.quant_math.quantize's nearest rounding) and quantize for activations.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqd.calibration.params import ConfigQuant
+from ptqd.calibration.params import ConfigQuant, LayerQuant
 from ptqd.exporter.onnx_fp import layer_nodes
-from ptqd.quant_math import IntGrid, quantize
+from ptqd.quant_math import IntGrid
 
 INT4, INT8 = TensorProto.INT4, TensorProto.INT8
 
@@ -96,12 +97,17 @@ class QDQInserter:
         node.input[0] = f"{base}/dq"
         self.new_nodes.setdefault(node.name, []).extend(nodes)
 
-    def weight(self, node, layer: str, scale: torch.Tensor, bits: int) -> None:
+    def weight(self, node, layer: str, lq: LayerQuant, bits: int) -> None:
         base = f"{layer}/weight_quant"
         w_name = node.input[1]
         w = numpy_helper.to_array(self.inits[w_name])
         axis = weight_axis(node, w)
-        q = quantize(torch.from_numpy(w.copy()), scale, IntGrid(bits), axis=axis).numpy()
+        # the torch layout puts output channels first; MatMul's [K, N] (and Gemm without
+        # transB) holds the same weight transposed
+        torch_layout = torch.from_numpy(w.copy() if axis == 0 else w.T.copy())
+        q = lq.weight_integers(torch_layout, IntGrid(bits)).numpy()
+        q = q if axis == 0 else q.T
+        scale = lq.weight_scale
         dtype = INT4 if (bits == 4 and self.storage.weight_int4) else INT8
         self.new_inits.append(_int_tensor(f"{base}/quantized", q, dtype))
         self.new_inits.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{base}/scale"))
@@ -157,7 +163,7 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
     for layer, lq in sorted(quant.layers.items()):
         node = nodes[layer]
         inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits)
-        inserter.weight(node, layer, lq.weight_scale, quant.config.weight_bits)
+        inserter.weight(node, layer, lq, quant.config.weight_bits)
         if storage.quantize_outputs:
             if lq.output_scale is None:
                 raise ValueError(f"{layer} has no output scale: recalibrate with this version")

@@ -13,6 +13,8 @@ import onnx
 from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
+from ptqd.exporter.cleanup import fold_and_clean
+from ptqd.exporter.fp16 import convert_to_fp16, fp32_exceptions, tensorrt_exceptions
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
@@ -36,6 +38,16 @@ def _save_checked(model: onnx.ModelProto, path: Path, target: str) -> None:
     violations = lint_model(model, target)
     if violations:  # the exporter's own output breaking the rules is a bug, not a user error
         raise RuntimeError(f"{path.name} fails the {target} lint: " + "; ".join(map(str, violations[:3])))
+
+
+def tensorrt_graph(qdq: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """What TensorRT builds: the QDQ graph folded and cleaned, then FP16 inside (float32 I/O)
+    but for the FP32 exceptions fp16.tensorrt_exceptions names."""
+    folded, before, after = fold_and_clean(qdq)
+    exceptions = tensorrt_exceptions(folded)
+    click.echo(f"[export] {name}: folded {before} -> {after}; FP16, "
+               f"{len(exceptions)} node(s) kept FP32")
+    return convert_to_fp16(folded, exceptions)
 
 
 def calibrated_spec(model, doc: dict):
@@ -79,12 +91,17 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
                              example_conditioning(model, spec, 2))
     fp_model = onnx.load(str(fp_path))
     written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
+    exceptions = {}
     for cfg in sorted(params):
         for flavour, (storage, target) in FLAVOURS.items():
             path = graph_path(onnx_dir, cfg, flavour)
-            _save_checked(insert_qdq(fp_model, params[cfg], storage), path, target)
+            graph = insert_qdq(fp_model, params[cfg], storage)
+            if flavour == "tensorrt":
+                graph = tensorrt_graph(graph, path.name)
+                exceptions[cfg] = fp32_exceptions(graph)
+            _save_checked(graph, path, target)
             written.append(path)
-    plan = precision_plan(layer_nodes(fp_model), params, fp_model)
+    plan = precision_plan(layer_nodes(fp_model), params, fp_model, exceptions)
     (onnx_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
     for path in written:
         click.echo(f"[export] {onnx_dir.name}/{path.name} ({path.stat().st_size / 1e6:.2f} MB)")

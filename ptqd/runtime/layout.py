@@ -19,6 +19,8 @@ SCHEDULE_FILE = "ptqd_schedule.json"
 SPEC_FILE = "pipeline.json"
 # OUT/engines: the ONNX Runtime engines (and their batch profile) where TensorRT is absent
 ORT_MANIFEST = "onnxruntime.json"
+# OUT/engines: a plan's measured latency at its opt batch (ptqd/engines/timing.py), per plan stem
+TIMING_FILE = "{name}.timing.json"
 
 # Every UNet graph's interface (batch axis dynamic); the Triton models use the same names.
 INPUT_NAMES = ("sample", "timestep")

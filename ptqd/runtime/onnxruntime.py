@@ -7,11 +7,17 @@ from pathlib import Path
 import numpy as np
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, float_kernels: bool = False):
+    """float_kernels: run a QDQ graph as written (dequantize, float op), the exact twin of the
+    fake-quant model. Otherwise onnxruntime fuses DQ -> Conv/MatMul -> Q into integer kernels,
+    whose u8 x s8 products on x86 CPUs without VNNI (AVX2 only) sum pairwise in saturating int16:
+    with full-range 8-bit weights that changes results (measured on an AVX2 EPYC: a w8a8 UNet
+    2.3x further from its fake-quant twin than with float kernels; 4-bit weights cannot overflow)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if float_kernels
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     # One intra-op pool sized to the cores; inter-op parallelism buys nothing for a UNet's
     # mostly sequential graph and only adds thread contention.
     opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
@@ -29,12 +35,12 @@ DISABLED_OPTIMIZERS = ["QDQPropagationTransformer"]
 
 
 def create_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                   optimized_path: Path | None = None):
+                   optimized_path: Path | None = None, float_kernels: bool = False):
     import onnxruntime as ort
 
     from ptqd.errors import UserError
 
-    opts = session_options(threads)
+    opts = session_options(threads, float_kernels)
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     try:
@@ -60,11 +66,13 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32
 
 class OnnxRuntimeGraph:
     """Callable over one onnxruntime session: keyword arrays (cast to the graph's input
-    types) -> the first output. The VAE decoder and text encoder run through this."""
+    types) -> the first output. The VAE decoder and text encoder run through this.
+    float_kernels: see session_options (the reference graphs, compared with fake-quant)."""
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
+                 float_kernels: bool = False):
         self.path = Path(path)
-        self.session = create_session(self.path, threads, providers)
+        self.session = create_session(self.path, threads, providers, float_kernels=float_kernels)
         self.output_name = self.session.get_outputs()[0].name
         self.input_types = {i.name: _DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 

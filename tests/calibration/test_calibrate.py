@@ -78,8 +78,29 @@ def test_sample_refuses_what_the_output_does_not_hold(calibrated, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--bits", "3"], "not supported"), (["--act-bits", "16"], "not supported"),
     (["--mixed-precision", "fast"], "--mixed-precision"), (["--calib-samples", "2"], "too few"),
-    (["--correction", "magic"], "--correction"),
+    (["--correction", "magic"], "--correction"), (["--target-gpu", "v100"], "--target-gpu"),
+    (["--mixed-precision", "latency:0.5"], "latency ratio"), (["--weight-rounding", "round"], "--weight-rounding"),
 ])
 def test_bad_calibration_options(tmp_path, args, fragment):
     assert_user_error(run_cli("calibrate", *args, "--output", str(tmp_path / "o")), fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_latency_policy_prices_the_schedule_on_the_target_gpu(tmp_path):
+    """On a GPU w4a8 and w8a8 run the same INT8 kernels: at equal estimated latency the least
+    noisy one wins every step, and the summary gives latency beside BOPs, labelled estimated."""
+    out = tmp_path / "out"
+    result = run_cli("calibrate", "--steps", "5", "--calib-samples", "8", "--mixed-precision", "latency:1.2",
+                     "--target-gpu", "l40s", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "calibration" / "ptqd.json").read_text())
+    lat = doc["latency"]
+    assert lat["kind"] == "estimated" and lat["target_gpu"] == "L40S"
+    assert set(lat["ms_per_step"]) == {"fp16", "w4a8", "w8a8"}
+    assert lat["ms_per_step"]["w4a8"] == pytest.approx(lat["ms_per_step"]["w8a8"], rel=0.01)
+    assert lat["ms_per_step"]["w8a8"] < lat["ms_per_step"]["fp16"]
+    assert [s["config"] for s in doc["steps"]] == ["w8a8"] * 5
+    assert lat["schedule_ms"] <= 1.2 * min(lat["ms_per_step"][c] for c in ("w4a8", "w8a8")) * 5
+    assert lat["speedup_vs_fp16"] == pytest.approx(lat["fp16_schedule_ms"] / lat["schedule_ms"])
+    assert "latency per step on L40S (estimated, batch 1)" in result.stdout
+    assert "faster than all-FP16" in result.stdout

@@ -2,14 +2,19 @@
 `tensorrt` module (no real TensorRT can run here; tests using the fake say so in their names)."""
 import json
 import subprocess
+import sys
 import types
 
+import numpy as np
 import pytest
 
+from ptqd.engines.build_script import value_ranges
 from ptqd.engines.profiles import BatchProfile, input_shapes
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, strongly_typed_flag
+from ptqd.engines.timing import measured_latencies
 from ptqd.errors import UserError
 from ptqd.output import file_sha256
+from ptqd.verify import verify
 from tests.conftest import assert_user_error, run_cli
 
 
@@ -43,6 +48,18 @@ def test_build_script_names_every_configuration_with_strong_typing_and_profiles(
     assert "--maxShapes=sample:8x1x16x16,timestep:8" in script
     assert "--timingCacheFile=engines/timing.cache" in script and "nvcr.io/nvidia/tensorrt:" in script
     assert subprocess.run(["bash", "-n", str(exported / "engines" / "build_engines.sh")]).returncode == 0
+
+
+def test_build_script_checks_and_times_every_plan_at_the_opt_batch(exported):
+    script = (exported / "engines" / "build_engines.sh").read_text()
+    configs = sorted({s["config"] for s in json.loads((exported / "scheduler" / "ptqd_schedule.json").read_text())["steps"]})
+    for config in configs:
+        # against the ONNX Runtime reference graph (the fake-quant twin), on opt-batch inputs
+        assert (f"check_plan unet_{config} unet_{config}.ort.onnx 'sample:[4,1,16,16] timestep:[4]' "
+                f"'sample:[-2.0,2.0] timestep:[0,999]'") in script
+        assert f"time_plan unet_{config} {config} 4 sample:4x1x16x16,timestep:4" in script
+    # checks and timings come after every build
+    assert script.rindex("--saveEngine=") < script.index("\ncheck_plan ") < script.index("\ntime_plan ")
 
 
 def test_build_script_stops_clearly_without_trtexec(exported, tmp_path):
@@ -172,3 +189,109 @@ def test_builder_with_fake_tensorrt_builds_each_config_sharing_the_timing_cache(
     assert meta["tensorrt_version"] == "10.13.3.9" and meta["config"] == "w4a8"
     assert meta["source_onnx_sha256"] == file_sha256(exported / "onnx" / "unet_w4a8.onnx")
     assert meta["batch_profile"] == "2,4,16" and meta["strongly_typed"] is True
+
+
+# ---- the build script's check and timing, run with stand-ins for trtexec and polygraphy ----
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+echo "trtexec $*" >> "$CALLS"
+for a in "$@"; do
+  case "$a" in
+    --saveEngine=*) echo plan > "${a#--saveEngine=}";;
+    --loadEngine=*unet_w4a8.plan) median=0.8125;;
+    --loadEngine=*) median=1.5;;
+  esac
+done
+if [ -n "${median:-}" ]; then
+  echo "[12/01/2026-10:00:00] [I] Latency: min = 1 ms, max = 3 ms, mean = 2 ms, median = 9.99 ms, percentile(90%) = 3 ms"
+  echo "[12/01/2026-10:00:00] [I] GPU Compute Time: min = 0.5 ms, max = 2 ms, mean = 1 ms, median = $median ms, percentile(90%) = 2 ms, percentile(95%) = 2 ms, percentile(99%) = 2 ms"
+fi
+"""
+
+FAKE_POLYGRAPHY = """#!/usr/bin/env bash
+echo "polygraphy $*" >> "$CALLS"
+prev=
+for a in "$@"; do
+  case "$prev" in --save-inputs|--save-outputs) echo "[]" > "$a";; esac
+  prev=$a
+done
+case " $* " in
+  *" engines/${FAIL_PLAN:-none}.plan "*) echo "[E]     FAILED | Mismatched outputs: ['noise_pred']"; exit 1;;
+esac
+"""
+
+
+def _run_build_script(out, tmp_path, polygraphy=True, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tools = {"trtexec": FAKE_TRTEXEC, "python3": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'}
+    if polygraphy:
+        tools["polygraphy"] = FAKE_POLYGRAPHY
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    result = subprocess.run(["bash", str(out / "engines" / "build_engines.sh")], capture_output=True, text=True,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls), **env})
+    return result, calls.read_text().splitlines()
+
+
+def test_build_script_checks_each_plan_with_polygraphy_and_writes_its_timing_fake(exported_copy, tmp_path):
+    result, calls = _run_build_script(exported_copy, tmp_path)
+    assert result.returncode == 0, result.stderr
+    engines = exported_copy / "engines"
+    for cfg in ("w4a8", "w8a8"):
+        ort = next(c for c in calls if c.startswith(f"polygraphy run onnx/unet_{cfg}.ort.onnx --onnxrt"))
+        check = f"engines/.check/unet_{cfg}"
+        assert "--input-shapes sample:[4,1,16,16] timestep:[4] " in ort
+        assert f"--save-inputs {check}/inputs.json --save-outputs {check}/onnxrt.json" in ort
+        assert (f"polygraphy run engines/unet_{cfg}.plan --model-type engine --trt --load-inputs {check}/inputs.json "
+                f"--load-outputs {check}/onnxrt.json --validate --check-error-stat quantile --error-quantile 0.99 "
+                f"--atol 0.05 --rtol 0.05") in calls
+        assert (f"trtexec --loadEngine=engines/unet_{cfg}.plan --shapes=sample:4x1x16x16,timestep:4 "
+                f"--useCudaGraph --noDataTransfers --useSpinWait") in calls
+        assert f"engines/unet_{cfg}.plan matches onnx/unet_{cfg}.ort.onnx" in result.stdout
+    latencies = measured_latencies(engines)
+    assert {c: (r["median_ms"], r["batch"]) for c, r in latencies.items()} == {"w4a8": (0.8125, 4), "w8a8": (1.5, 4)}
+    assert latencies["w4a8"]["measured_by"] == "trtexec" and latencies["w4a8"]["engine"] == "unet_w4a8.plan"
+    timed = [line for line in result.stdout.splitlines() if " ms per call at batch " in line]
+    assert timed == [f"engines/unet_{c}.plan ({c}): median {m} ms per call at batch 4 on {latencies[c]['gpu']} "
+                     "(trtexec GPU Compute Time)" for c, m in (("w4a8", "0.8125"), ("w8a8", "1.5"))]
+    # the check's scratch files are hidden from `ptqd verify`'s list of unlisted artifacts
+    assert (engines / ".check" / "unet_w4a8" / "inputs.json").is_file()
+    assert not any(".check" in p for p in verify(exported_copy))
+
+
+def test_build_script_fails_when_a_plan_differs_but_times_them_all_fake(exported_copy, tmp_path):
+    result, _ = _run_build_script(exported_copy, tmp_path, FAIL_PLAN="unet_w8a8")
+    assert result.returncode == 1
+    assert "engines/unet_w8a8.plan DIFFERS from onnx/unet_w8a8.ort.onnx" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "failed: unet_w8a8"
+    assert sorted(measured_latencies(exported_copy / "engines")) == ["w4a8", "w8a8"]
+
+
+def test_build_script_without_polygraphy_stops_before_building_unless_told_to_skip_fake(exported_copy, tmp_path):
+    result, calls = _run_build_script(exported_copy, tmp_path, polygraphy=False)
+    assert result.returncode == 1 and "pip install polygraphy onnxruntime" in result.stderr
+    assert calls == [] and not list((exported_copy / "engines").glob("*.plan"))
+    result, calls = _run_build_script(exported_copy, tmp_path, polygraphy=False, PTQD_SKIP_CHECK="1")
+    assert result.returncode == 0, result.stderr
+    assert "engines/unet_w4a8.plan: not checked (PTQD_SKIP_CHECK=1)" in result.stdout
+    assert sorted(measured_latencies(exported_copy / "engines")) == ["w4a8", "w8a8"]
+
+
+def test_integer_inputs_draw_valid_indices_of_their_embedding_table(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    table = numpy_helper.from_array(np.zeros((7, 3), np.float32), "table")
+    nodes = [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids32"], ["emb"]),
+             helper.make_node("Identity", ["timestep"], ["t"]), helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5]),
+                                           helper.make_tensor_value_info("other", TensorProto.INT64, ["n"]),
+                                           helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["n"]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                              [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)], [table])
+    save(helper.make_model(graph), tmp_path / "g.onnx")
+    assert value_ranges(tmp_path / "g.onnx") == {"ids": (0, 6), "other": (0, 0), "timestep": (0, 999), "x": (-2.0, 2.0)}

@@ -1,0 +1,170 @@
+"""GPTQ weight reconstruction (Frantar et al., "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023) on ptqd's weight grids.
+
+Nearest rounding leaves every weight's rounding error for PTQD's correction to absorb. GPTQ
+rounds one input column at a time and spreads each column's error over the columns not yet
+rounded, weighted by the inverse Hessian of the layer's inputs, H = 2 X X^T / n, so the
+layer's output on its calibration inputs moves as little as it can:
+
+    for each column j:  q_j = round(w_j / s) (per-channel scale s, as today)
+                        w_{>j} -= (w_j - s q_j) / [H^-1]_jj * [H^-1]_{j,>j}
+
+with the upper Cholesky factor of the damped inverse (damping 1 % of the mean diagonal) and
+columns processed in blocks whose error is pushed to the rest in one matrix product (the
+"lazy batch" update). The per-channel scales are the clipping search's (quant_math), so the
+integers GPTQ picks drop into the same QDQ graphs and the same fake-quant model.
+
+X is what the quantized model feeds the layer: its calibration input, fake-quantized on the
+layer's activation grid; convolutions see it unfolded (im2col), so H is over the weight's
+in_channels x kh x kw columns. Hessians are built from streamed forward passes, as many
+layers at a time as fit a memory budget, never all of a large UNet's at once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqd.calibration.layers import quantizable_layers
+from ptqd.calibration.params import ConfigQuant
+from ptqd.quant_math import IntGrid, fake_quantize, quantize
+
+DAMP = 0.01
+BLOCK = 128
+# Hessians held at once; one pass over the probe inputs fills a group of layers within it
+HESSIAN_BUDGET_BYTES = 1 << 30
+
+
+def hessian_columns(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
+
+
+def layer_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as the columns its weight multiplies: [d, samples]."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)                  # [N, C*kh*kw, L]
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    return x.reshape(-1, x.shape[-1]).t()
+
+
+class HessianAccumulator:
+    """Running H = 2 X X^T / n of one layer's (fake-quantized) inputs."""
+
+    def __init__(self, module: nn.Module, act_scale: torch.Tensor, act_grid: IntGrid):
+        d = hessian_columns(module)
+        self.module, self.act_scale, self.act_grid = module, act_scale, act_grid
+        self.h = torch.zeros(d, d, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = fake_quantize(x.detach().to(torch.float32), self.act_scale, self.act_grid)
+        cols = layer_columns(self.module, x)
+        m = cols.shape[1]
+        self.h.mul_(self.n / (self.n + m))
+        cols = cols * math.sqrt(2.0 / (self.n + m))
+        self.h.addmm_(cols, cols.t())
+        self.n += m
+
+
+def layer_groups(sizes: dict[str, int], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:
+    """Layers in order, grouped so each group's float32 Hessians fit the budget (a layer
+    larger than the budget alone is a group of its own)."""
+    groups, current, used = [], [], 0
+    for name, d in sizes.items():
+        nbytes = 4 * d * d
+        if current and used + nbytes > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return groups + ([current] if current else [])
+
+
+def collect_hessians(modules: dict[str, nn.Module], act_scales: dict[str, torch.Tensor], act_grid: IntGrid,
+                     run_probes: Callable[[], None], budget: int = HESSIAN_BUDGET_BYTES
+                     ) -> Iterable[tuple[str, torch.Tensor]]:
+    """(layer, H) for every layer of `modules`, group by group: each group's hooks record
+    while `run_probes()` drives the model over the calibration probes once."""
+    sizes = {name: hessian_columns(m) for name, m in modules.items()}
+    for group in layer_groups(sizes, budget):
+        accs = {name: HessianAccumulator(modules[name], act_scales[name], act_grid) for name in group}
+        hooks = [modules[name].register_forward_pre_hook(lambda mod, inputs, a=accs[name]: a.add(inputs[0]))
+                 for name in group]
+        try:
+            with torch.no_grad():
+                run_probes()
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in group:
+            yield name, accs.pop(name).h
+
+
+def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, grid: IntGrid,
+                  damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
+    """The integers GPTQ picks for `weight` ([out, ...], per-output-channel `scale`), in the
+    weight's shape, as a float tensor of grid values (like quant_math.quantize)."""
+    shape = weight.shape
+    w = weight.detach().to(torch.float32).reshape(shape[0], -1).clone()
+    h = hessian.clone().to(torch.float32)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    s = scale.to(torch.float32).reshape(-1)
+    q = torch.zeros_like(w)
+    for i1 in range(0, w.shape[1], block):
+        i2 = min(i1 + block, w.shape[1])
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qcol = quantize(col, s, grid, axis=0)
+            q[:, i1 + i] = qcol
+            err = (col - qcol * s) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q.reshape(shape)
+
+
+def output_error(weight: torch.Tensor, integers: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T) / 2 = |dW X|^2 / n: the layer's squared output error per input column on
+    its calibration inputs, summed over output channels (what GPTQ minimises)."""
+    w = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
+    dw = w - integers.reshape(w.shape) * scale.to(torch.float32).reshape(-1, 1)
+    return float(((dw @ hessian) * dw).sum() / 2)
+
+
+def reconstruct_weights(unet: nn.Module, quants: list[ConfigQuant], run_probes: Callable[[], None],
+                        budget: int = HESSIAN_BUDGET_BYTES) -> None:
+    """GPTQ's integers for every quantized layer of every configuration, in place
+    (LayerQuant.weight_int). Configurations with the same activation bits share the layers'
+    Hessians: their inputs are fake-quantized with the same calibrated scale."""
+    modules = quantizable_layers(unet)
+    order = {name: i for i, name in enumerate(modules)}
+    by_act: dict[int, list[ConfigQuant]] = {}
+    for q in quants:
+        by_act.setdefault(q.config.act_bits, []).append(q)
+    for act_bits, group in sorted(by_act.items()):
+        scales = {name: lq.act_scale for q in group for name, lq in q.layers.items()}
+        # grouped convolutions have per-group Hessians; ptqd's UNets have none, and they keep nearest rounding
+        names = sorted((n for n in scales if getattr(modules[n], "groups", 1) == 1), key=order.__getitem__)
+        hessians = collect_hessians({n: modules[n] for n in names}, scales, IntGrid(act_bits), run_probes, budget)
+        for name, hessian in hessians:
+            for q in group:
+                if name in q.layers:
+                    lq = q.layers[name]
+                    integers = gptq_integers(modules[name].weight, hessian, lq.weight_scale,
+                                             IntGrid(q.config.weight_bits))
+                    lq.weight_int = integers.to(torch.int8)
+    for q in quants:
+        q.weight_rounding = "gptq"
+

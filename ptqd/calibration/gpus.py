@@ -1,0 +1,46 @@
+"""Target GPUs for the latency estimates: published dense peaks per format and memory
+bandwidth. Kept apart from the latency model (which measures a torch UNet) so the CLI can list
+the targets without importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptqd.errors import UserError
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    label: str
+    fp16_tflops: float          # dense FP16 tensor core
+    fp8_tflops: float | None    # dense FP8 (E4M3) tensor core; None: the GPU has none
+    int8_tops: float            # dense INT8 tensor core
+    bandwidth_tbs: float        # memory bandwidth, TB/s
+
+
+# Dense peaks = the datasheets' "with sparsity" figures / 2. All from TRT_API.md addendum §7,
+# which read them only through secondary copies of NVIDIA's datasheets (⚠).
+GPUS = {
+    # H100 SXM datasheet copy (archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html): FP16
+    # 1,979*, FP8 3,958*, INT8 3,958* ("* Shown with sparsity"), 3,350 GB/s HBM3.
+    "h100": GPU("h100", "H100 SXM", 989.5, 1979.0, 1979.0, 3.35),
+    # H200 SXM: the H100's compute with HBM3e at 4.8 TB/s (lzwjava, aiwiki pages).
+    "h200": GPU("h200", "H200 SXM", 989.5, 1979.0, 1979.0, 4.8),
+    # A100 SXM 80GB (glennklockwood.com, citing NVIDIA's datasheet: sparse 624 FP16 / 1,248
+    # INT8), 2,039 GB/s. Ampere has no FP8 tensor cores.
+    "a100": GPU("a100", "A100 SXM 80GB", 312.0, None, 624.0, 2.039),
+    # L40S datasheet copy (mullet.se): FP16 733*, FP8 1,466*; INT8 732.9 dense (hmc-tech);
+    # 864 GB/s GDDR6.
+    "l40s": GPU("l40s", "L40S", 362.0, 733.0, 733.0, 0.864),
+    # RTX 4090 (waredb): FP16 and FP8 at FP32 accumulate, the rates TensorRT's FP32-accumulating
+    # kernels see; the FP16-accumulate rates (x2) are not confirmed. 1,008 GB/s GDDR6X.
+    "rtx4090": GPU("rtx4090", "RTX 4090", 165.2, 330.3, 660.6, 1.008),
+}
+DEFAULT_GPU = "h100"
+
+
+def gpu_spec(name: str) -> GPU:
+    gpu = GPUS.get(name.strip().lower())
+    if gpu is None:
+        raise UserError(f"unknown target GPU {name!r} (known: {', '.join(GPUS)})")
+    return gpu

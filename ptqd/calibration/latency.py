@@ -1,0 +1,131 @@
+"""Estimated UNet step latency per configuration on a target GPU: a roofline per layer.
+
+TensorRT runs a convolution in FP16, INT8 or FP8 only; INT4 exists only as weight-only blocked
+MatMul/Gemm (TRT_API.md §3, BACKENDS.md). So what a configuration changes on a GPU is the
+format each layer runs in, not its bit widths: w4a8 and w8a8 convolutions run the same INT8
+kernels, and the BOPs metric (mixed_precision.py) prices trades the GPU never pays out.
+
+Per Conv2d/Linear layer, at batch B:
+
+    time = max(2 * MACs * B / tensor-core peak of its format,  bytes / memory bandwidth)
+    bytes = weights (2 per FP16 weight, 1 per INT8/FP8 weight, also when its values are 4-bit)
+          + B * input elements (1 byte quantized, 2 FP16) + B * output elements (2 bytes, FP16)
+
+The rest of the step runs in FP16 whatever the configuration: every op outside Conv2d/Linear
+(GroupNorm, SiLU, residual adds, concatenations, upsampling) as FP16 memory traffic, and each
+attention core (Q K^T, softmax, P V) as a roofline of its FP16 MACs against reading Q, K, V and
+writing its output, the scores staying on chip as in TensorRT's fused attention kernels.
+
+Approximations (all figures this module returns are estimates, and labelled so by callers):
+- Peaks are the datasheets' dense figures (gpus.GPUS, ⚠ secondary sources); real kernels reach
+  a fraction of them, so compute-bound layers come out optimistic.
+- No kernel launch overhead, no overlap between layers, no cache reuse between layers; small
+  models at batch 1 are launch-bound on a real GPU, so their real speed-ups are smaller.
+- Every float op is its own kernel, except arithmetic with a constant (x / 1.0), taken as fused
+  into its producer. TensorRT fuses more (pointwise chains, GroupNorm + SiLU, concatenations
+  written in place), so the float traffic is an upper bound, which shrinks every configuration's
+  speed-up over FP16 rather than inflating it.
+- Attention is assumed fused (the scores never reach memory); the attention module's residual
+  add is counted as traffic. Biases and the quantize ops feeding a layer are not counted.
+"""
+from __future__ import annotations
+
+import re
+
+from ptqd.calibration.configs import is_kept
+from ptqd.calibration.gpus import DEFAULT_GPU, GPU, gpu_spec
+from ptqd.calibration.layers import FloatOps, LayerInfo
+from ptqd.errors import UserError
+
+
+FLOAT_FORMAT = "fp16"
+ACT_BITS_INT8 = (4, 8)   # w{b}a4 runs as INT8 too: no runtime has 4-bit activation kernels
+BYTES = {"fp16": 2, "fp8": 1, "int8": 1}
+OUTPUT_BYTES = 2         # layer outputs are FP16: Q/DQ sit on layer inputs only
+
+
+def config_format(config: str) -> str:
+    """The format a configuration's quantized layers really run in on TensorRT."""
+    name = config.strip().lower()
+    if name in ("fp16", "fp8"):
+        return name
+    match = re.fullmatch(r"w(\d+)a(\d+)", name)
+    if match and int(match.group(2)) in ACT_BITS_INT8:
+        # 4-bit weights run as INT8: TensorRT has no INT4 convolution, and a W4A8 Linear keeps
+        # 8-bit activations, so its GEMM is INT8 as well
+        return "int8"
+    raise UserError(f"no latency estimate for configuration {config!r} "
+                    "(expected fp16, fp8, w<bits>a8 or w<bits>a4)")
+
+
+def layer_format(config: str, layer: str, keep: tuple[str, ...]) -> str:
+    return FLOAT_FORMAT if is_kept(layer, keep) else config_format(config)
+
+
+def tensor_rate(gpu: GPU, fmt: str) -> float:
+    """Dense tensor-core operations per second (one MAC = 2 operations)."""
+    peak = {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt]
+    if peak is None:
+        raise UserError(f"the {gpu.label} ({gpu.name}) has no {fmt.upper()} tensor cores: "
+                        f"leave {fmt} out of the configurations or pick another --target-gpu")
+    return peak * 1e12
+
+
+def layer_seconds(layer: LayerInfo, fmt: str, batch: int, gpu: GPU) -> float:
+    """Roofline time of one Conv2d/Linear layer running in `fmt`."""
+    compute = 2 * layer.macs * batch / tensor_rate(gpu, fmt)
+    moved = layer.params * BYTES[fmt] + batch * (layer.in_elems * BYTES[fmt] + layer.out_elems * OUTPUT_BYTES)
+    return max(compute, moved / (gpu.bandwidth_tbs * 1e12))
+
+
+def float_seconds(ops: FloatOps, batch: int, gpu: GPU) -> float:
+    """Everything outside Conv2d/Linear, in FP16, the same for every configuration."""
+    bandwidth = gpu.bandwidth_tbs * 1e12
+    traffic = ops.elems * batch * BYTES["fp16"] / bandwidth
+    rate = tensor_rate(gpu, "fp16")
+    cores = sum(max(2 * c.macs * batch / rate, c.elems * batch * BYTES["fp16"] / bandwidth)
+                for c in ops.attention)
+    return traffic + cores
+
+
+def _check(layers: list[LayerInfo], batch: int) -> None:
+    if batch < 1:
+        raise UserError(f"batch {batch}: the latency estimate needs a batch of at least 1")
+    unmeasured = [layer.name for layer in layers if layer.params == 0]
+    if unmeasured:
+        raise ValueError(f"layers without measured sizes (use measure_layers): {unmeasured[:3]}")
+
+
+def estimate_step_latency(layers: list[LayerInfo], float_ops: FloatOps, configs, keep: tuple[str, ...],
+                          batch: int = 1, gpu: str = DEFAULT_GPU) -> dict[str, float]:
+    """Estimated milliseconds of one UNet step (one call at `batch`) per configuration, always
+    including "fp16", the all-FP16 engine. Raises UserError for an unknown GPU or configuration
+    and for FP8 on a GPU without it."""
+    target = gpu_spec(gpu)
+    _check(layers, batch)
+    rest = float_seconds(float_ops, batch, target)
+    out = {}
+    for config in dict.fromkeys([FLOAT_FORMAT, *configs]):
+        seconds = sum(layer_seconds(layer, layer_format(config, layer.name, keep), batch, target)
+                      for layer in layers)
+        out[config] = (seconds + rest) * 1e3
+    return out
+
+
+def float_ops_ms(float_ops: FloatOps, batch: int = 1, gpu: str = DEFAULT_GPU) -> float:
+    """The part of every configuration's estimate spent outside Conv2d/Linear, in ms."""
+    return float_seconds(float_ops, batch, gpu_spec(gpu)) * 1e3
+
+
+def same_cost(latencies: dict[str, float], rel: float = 0.01) -> list[list[str]]:
+    """Groups of two or more configurations whose estimates lie within `rel` of the group's
+    fastest, fastest group first: configurations that cost the same on the target."""
+    groups: list[list[str]] = []
+    anchor = None
+    for name, value in sorted(latencies.items(), key=lambda kv: (kv[1], kv[0])):
+        if anchor is not None and value <= anchor * (1 + rel):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            anchor = value
+    return [g for g in groups if len(g) > 1]
