@@ -62,11 +62,12 @@ def timestep_fp32_graph(out: Path, cfg: str, path: Path) -> Path:
     return path
 
 
-def held_out_inputs(out: Path, trajectories: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x_t, t) at every step of FP32 DDIM trajectories, eta 0."""
+def held_out_inputs(out: Path, trajectories: int, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x_t, t) at every step of FP32 DDIM trajectories, eta 0 (steps: the export's by default;
+    the trajectories do not depend on the calibration)."""
     doc = json.loads((out / "calibration" / "ptqd.json").read_text())
     shape = FoldedSchedule.load(out / "scheduler").sample_shape
-    steps = doc["num_inference_steps"]
+    steps = steps or doc["num_inference_steps"]
     sched = build_schedule(load_scheduler_config(resolve_model(doc["model"])), steps, 0.0, shape, ["fp32"] * steps)
     fp = engine(out / "onnx" / "unet_fp32.onnx")
     x = SampleNoise(HELD_OUT_SEED, 0, trajectories, tuple(shape)).initial()
@@ -186,10 +187,12 @@ def main() -> None:
     ap.add_argument("--cfg", default="w4a8")
     ap.add_argument("--trajectories", type=int, default=16)
     ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps of the held-out trajectories "
+                    "[default: the export's]")
     args = ap.parse_args()
     out, onnx_dir = args.out, args.out / "onnx"
     configs = FoldedSchedule.load(out / "scheduler").configs
-    x, t = held_out_inputs(out, args.trajectories)
+    x, t = held_out_inputs(out, args.trajectories, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         kept = {c: timestep_fp32_graph(out, c, Path(tmp) / f"unet_{c}.t32.onnx") for c in configs}
         rows = eps_table(out, args.cfg, {"FP16 graph (unet_<cfg>.onnx)": onnx_dir / f"unet_{args.cfg}.onnx",

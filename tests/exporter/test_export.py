@@ -236,7 +236,10 @@ def test_onnxruntime_sampler_matches_torch_fake_quant_sampler(exported, tmp_path
     over the steps (measured: 2.3e-3 mean, against 8.3e-3 between fake-quant and FP32), so
     they must agree with torch far better than either agrees with FP32: under half the
     quantization effect. The CPU-fast graphs also round every layer output to 8 bits
-    (measured: 5.4e-3): within 1 % of the range, and nearer to fake-quant than to FP32."""
+    (measured: 5.4e-3): within 1 % of the range. (With GPTQ weights, the default since
+    issue 16, fake-quant is so close to FP32 that this output rounding is as large as the
+    quantization effect itself: measured 5.72e-3 to fake-quant vs 5.67e-3 to FP32, so "nearer
+    to fake-quant than to FP32" no longer holds and is not asserted.)"""
     files = {}
     runs = {"torch": ["--backend", "torch"], "reference": ["--backend", "onnxruntime", "--graph", "reference"],
             "fast": ["--backend", "onnxruntime"], "fp": ["--backend", "torch", "--precision", "fp32"]}
@@ -247,7 +250,6 @@ def test_onnxruntime_sampler_matches_torch_fake_quant_sampler(exported, tmp_path
     torch_, ref, fast, fp = (np.load(files[n]) for n in ("torch", "reference", "fast", "fp"))
     assert np.abs(torch_ - ref).mean() < 0.5 * np.abs(torch_ - fp).mean()
     assert np.abs(torch_ - fast).mean() < 1e-2
-    assert np.abs(torch_ - fast).mean() < np.abs(fast - fp).mean()
 
 
 def test_cpu_fast_graph_fuses_into_integer_kernels(exported, builtin_unet, tmp_path):
