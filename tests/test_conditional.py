@@ -125,7 +125,9 @@ def test_ptqd_statistics_are_measured_on_the_guided_prediction(tiny_text_export)
     n, n_fit, steps = doc["calib_samples"], doc["calib_samples"] * 3 // 4, doc["num_inference_steps"]
     spec, conditioner = _runtime_conditioner(out, doc["conditioning"]["calibration_conditions"])
     cond, uncond = conditioner.chunk_inputs(0, n)
-    fp_graph, q_graph = (OnnxRuntimeUNet(out / "onnx" / g) for g in ("unet_fp32.onnx", "unet_w4a8.onnx"))
+    # the FP32 reference graph (fake-quant's twin): unet_w4a8.onnx is TensorRT's FP16 graph now
+    fp_graph = OnnxRuntimeUNet(out / "onnx" / "unet_fp32.onnx")
+    q_graph = OnnxRuntimeUNet(out / "onnx" / "unet_w4a8.ort.onnx", float_kernels=True)
     guided = {s: (Guided(fp_graph, cond, uncond, s), Guided(q_graph, cond, uncond, s)) for s in (GUIDANCE, 1.0)}
     fp_sched = build_schedule(load_scheduler_config(resolve_model(doc["model"])), steps, doc["eta"], [4, 8, 8],
                               ["fp32"] * steps)
