@@ -153,7 +153,7 @@ def _latency_doc(latency: dict[str, float], schedule: list[str], gpu: str, batch
             "target_gpu": gpu_spec(gpu).label, "batch": batch, "ms_per_step": latency,
             "schedule_ms": total, "fp16_schedule_ms": latency["fp16"] * len(schedule),
             "speedup_vs_fp16": latency["fp16"] * len(schedule) / total,
-            "same_cost": [g for g in same_cost({c: latency[c] for c in set(schedule)})]}
+            "same_cost": same_cost({c: latency[c] for c in set(schedule)})}
 
 
 def _reconstruct(unet, quants: list[ConfigQuant], data: CalibrationData, rounding: str, conditioner) -> dict:
