@@ -1,10 +1,11 @@
-"""The README's quality table: W8A8 / W4A8 / W4A4, weights rounded to nearest or reconstructed
-with GPTQ, with and without PTQD, eta 0 and 1.
+"""The README's quality table: W8A8 / W4A8 / W4A4 / FP8, weights rounded to nearest or
+reconstructed with GPTQ, with and without PTQD, eta 0 and 1.
 
     .venv/bin/python benchmarks/quality_table.py --num 256 --steps 50 [--etas 0,1] [--roundings nearest,gptq]
+        [--configs w8a8,w4a8,w4a4,fp8]
 
-For each eta and weight rounding: one calibration of the built-in model (configurations w4a4,
-w4a8, w8a8; `ptqd calibrate --weight-rounding R --configs w4a4`) and its export, then --num
+For each eta and weight rounding: one calibration of the built-in model (w4a8 base, w8a8 and
+the --configs beside it; `ptqd calibrate --weight-rounding R --configs w4a4,fp8`) and its export, then --num
 samples (seeds 0..num-1, never seen by calibration) per variant through the ONNX Runtime
 reference graphs (unet_<cfg>.ort.onnx: the fake-quant model's twin, run with float kernels),
 the whole schedule at one configuration, folded with or without the PTQD correction. Prints,
@@ -30,7 +31,7 @@ from ptqd.runtime.layout import CALIBRATION_DIR, ONNX_DIR, graph_path
 from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 from ptqd.runtime.sampler import Sampler
 
-CONFIGS = ("w8a8", "w4a8", "w4a4")
+CONFIGS = "w8a8,w4a8,w4a4,fp8"
 
 
 def sample(out: Path, precision: str, correction: bool, num: int) -> np.ndarray:
@@ -43,10 +44,11 @@ def sample(out: Path, precision: str, correction: bool, num: int) -> np.ndarray:
     return Sampler(schedule, {precision: engine}, batch_size=128).generate(num, seed=0)
 
 
-def calibrate(out: Path, eta: float, rounding: str, steps: int, calib_samples: int) -> float:
+def calibrate(out: Path, eta: float, rounding: str, steps: int, calib_samples: int, configs: list[str]) -> float:
     t0 = time.perf_counter()
+    extra = tuple(c for c in configs if c not in ("w4a8", "w8a8"))
     run_calibrate(CalibrationRequest(model="digits", steps=steps, eta=eta, calib_samples=calib_samples,
-                                     extra_configs=("w4a4",), weight_rounding=rounding), out, force=False)
+                                     extra_configs=extra, weight_rounding=rounding), out, force=False)
     seconds = time.perf_counter() - t0
     run_export_stage(out, force=False)
     return seconds
@@ -59,7 +61,9 @@ def main() -> None:
     ap.add_argument("--etas", default="0,1")
     ap.add_argument("--roundings", default="nearest,gptq")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--configs", default=CONFIGS)
     args = ap.parse_args()
+    configs = args.configs.split(",")
     features = DigitFeatures(resolve_model("digits").extras_dir)
     real = real_digit_features(features)
     rows, timings = [], []
@@ -68,18 +72,20 @@ def main() -> None:
         for rounding in args.roundings.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "out"
-                seconds = calibrate(out, eta, rounding, args.steps, args.calib_samples)
+                seconds = calibrate(out, eta, rounding, args.steps, args.calib_samples, configs)
                 timings.append((eta, rounding, seconds, load_ptqd_json(out / CALIBRATION_DIR)["weight_rounding"]))
                 if fp is None:
                     fp = sample(out, "fp32", True, args.num)
                     rows.append((eta, "fp32", "-", "-", 0.0, float("inf"), frechet_distance(features(fp), real)))
-                for cfg in CONFIGS:
+                    print(f"  eta {eta:g} fp32: FD {rows[-1][6]:.3f}", flush=True)
+                for cfg in configs:
                     for correction in (False, True):
                         imgs = sample(out, cfg, correction, args.num)
                         err = per_sample_error(imgs, fp)
                         rows.append((eta, cfg, rounding, "PTQD" if correction else "none", err["mse"],
                                      err["psnr_db"], frechet_distance(features(imgs), real)))
-                        print(f"  eta {eta:g} {cfg} {rounding} {rows[-1][3]}: MSE {err['mse']:.3e}", flush=True)
+                        print(f"  eta {eta:g} {cfg} {rounding} {rows[-1][3]}: MSE {err['mse']:.3e}, "
+                              f"PSNR {err['psnr_db']:.2f} dB, FD {rows[-1][6]:.3f}", flush=True)
     print(f"\n{args.num} samples, {args.steps} DDIM steps, seeds 0..{args.num - 1}, ONNX Runtime reference graphs\n")
     print("| eta | config | weights | correction | MSE to FP (×1e-3) | PSNR to FP (dB) | Fréchet dist. to real digits |")
     print("|---|---|---|---|---|---|---|")

@@ -88,7 +88,7 @@ def cli(debug: bool) -> None:
               help="Samples per UNet call [default: 64, or the engines' profile maximum].")
 @click.option("--backend", type=click.Choice(BACKENDS_SAMPLE), default="torch", show_default=True)
 @click.option("--precision", default="mixed", show_default=True,
-              help="With OUT: mixed (the calibrated schedule), fp32, or a configuration such as w4a8.")
+              help="With OUT: mixed (the calibrated schedule), fp32 (full precision), or a calibrated configuration (w4a8, w8a8, fp8, fp16...).")
 @click.option("--no-correction", is_flag=True, help="With OUT: skip the PTQD correction (the ablation).")
 @click.option("--graph", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
               help="With OUT and onnxruntime: the CPU-fast graphs, or the exact twins of fake-quant.")
@@ -113,10 +113,14 @@ def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no
 def _calibration_options(f):
     options = [
         _model_option,
-        click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (4 or 8)."),
-        click.option("--act-bits", type=int, default=8, show_default=True,
-                     help="Activation bits (4 or 8). 4 is an accuracy study, not a speed-up: no runtime ptqd "
-                          "deploys to (TensorRT, ONNX Runtime) has 4-bit activation kernels."),
+        click.option("--bits", type=int, default=None, help="Weight bits (4 or 8) [default: 4; 8 with --format fp8]."),
+        click.option("--act-bits", type=int, default=None,
+                     help="Activation bits (4 or 8) [default: 8]. 4 is an accuracy study, not a speed-up: no "
+                          "runtime ptqd deploys to (TensorRT, ONNX Runtime) has 4-bit activation kernels."),
+        click.option("--format", "fmt", type=click.Choice(["int", "fp8"]), default="int", show_default=True,
+                     help="The base configuration's number format: int (--bits/--act-bits integer grids) or "
+                          "fp8 (E4M3 weights and activations; --bits/--act-bits must stay 8 or unset; TensorRT "
+                          "runs FP8 on Ada and Hopper GPUs). Extra configurations: --configs (fp8, fp16, w8a8)."),
         click.option("--weight-rounding", type=click.Choice(["nearest", "gptq"]), default=None,
                      help="How weights meet their grid: nearest, or GPTQ reconstruction on the calibration "
                           "inputs [default: gptq below 8 weight bits, else nearest]."),
@@ -132,7 +136,8 @@ def _calibration_options(f):
         click.option("--correction", default="auto", show_default=True,
                      help="auto (per step, chosen on held-out trajectories), paper, raw-k or bias-map."),
         click.option("--configs", "extra_configs", default="",
-                     help="Extra configurations to calibrate, comma-separated (e.g. w4a4,w8a4)."),
+                     help="Extra configurations to calibrate, comma-separated: w<bits>a<bits>, fp8, or fp16 "
+                          "(the float engine a schedule may fall back to) (e.g. w4a4,fp16)."),
         click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
                      help="Layers kept in float (comma-separated glob patterns of module names)."),
         click.option("--guidance-scale", type=float, default=None,
@@ -157,8 +162,13 @@ def _calibration_request(kw: dict) -> "CalibrationRequest":
     if kw["prompts"] is not None and kw["classes"] is not None:
         raise UserError("--prompts and --classes exclude each other (text or class-conditional model)")
     conditions = read_prompt_file(kw["prompts"]) if kw["prompts"] is not None else parse_classes(kw["classes"])
+    bits, act_bits = kw["bits"], kw["act_bits"]
+    if kw["fmt"] == "fp8" and (bits, act_bits) not in ((None, None), (8, None), (None, 8), (8, 8)):
+        raise UserError("--format fp8 has 8-bit (E4M3) weights and activations: leave --bits/--act-bits out")
+    default_bits = 8 if kw["fmt"] == "fp8" else 4
     return CalibrationRequest(
-        model=kw["model"], bits=kw["bits"], act_bits=kw["act_bits"], steps=kw["steps"],
+        model=kw["model"], bits=default_bits if bits is None else bits, act_bits=8 if act_bits is None else act_bits,
+        format=kw["fmt"], steps=kw["steps"],
         eta=kw["eta"], seed=kw["seed"], calib_samples=kw["calib_samples"],
         mixed_precision=kw["mixed_precision"], correction=kw["correction"],
         extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]),

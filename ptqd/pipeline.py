@@ -119,7 +119,8 @@ def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) 
         # conditioning options at their defaults are left out: outputs made before they existed
         # (unconditional models) keep their digest
         request = {k: v for k, v in _config_dict(req.calibration).items()
-                   if not (k in ("guidance_scale", "conditions") and v in (None, []))}
+                   if not (k in ("guidance_scale", "conditions") and v in (None, []))
+                   and not (k == "format" and v == "int")}
         parts.update(model=model_sha256, request=request)
     elif stage == "export":
         parts.update(calibration=tree_digest(root, (CALIBRATION_DIR,)))

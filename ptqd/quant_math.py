@@ -4,6 +4,9 @@ exporter both call these functions, so the two cannot disagree.
 Semantics are ONNX QuantizeLinear/DequantizeLinear with zero point 0 (TensorRT accepts
 nothing else): q = saturate(round_half_to_even(x / scale)), x' = q * scale. Scales are
 float32 and strictly positive; weights are per output channel, activations per tensor.
+Two kinds of grid: signed integers of 2..8 bits (IntGrid), and FP8 E4M3 (FLOAT8E4M3FN,
+E4M3): round to the nearest E4M3 value, ties to even, saturating at +-448 as QuantizeLinear
+does with its default saturate=1.
 """
 from __future__ import annotations
 
@@ -32,6 +35,36 @@ class IntGrid:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
+    @property
+    def storage(self) -> torch.dtype:
+        return torch.int8
+
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        # torch.round rounds half to even, like QuantizeLinear
+        return torch.clamp(torch.round(v), self.qmin, self.qmax)
+
+
+@dataclass(frozen=True)
+class FP8Grid:
+    """FP8 E4M3 without infinities (ONNX FLOAT8E4M3FN, TensorRT kFP8): 4 exponent bits (bias
+    7), 3 mantissa bits, largest finite value 448, subnormals down to 2^-9."""
+    bits: int = 8
+    qmin: float = -448.0
+    qmax: float = 448.0
+
+    @property
+    def storage(self) -> torch.dtype:
+        return torch.float8_e4m3fn
+
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        # torch's float8_e4m3fn cast rounds to nearest even but turns out-of-range values into
+        # NaN, so saturate first (QuantizeLinear's saturate=1)
+        return torch.clamp(v, self.qmin, self.qmax).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+E4M3 = FP8Grid()
+Grid = IntGrid | FP8Grid
+
 
 def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     if axis is None or scale.numel() == 1:
@@ -41,28 +74,28 @@ def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.
     return scale.reshape(shape)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid, axis: int | None = None) -> torch.Tensor:
-    """Integer values (still a float tensor) exactly as QuantizeLinear computes them."""
+def quantize(x: torch.Tensor, scale: torch.Tensor, grid: Grid, axis: int | None = None) -> torch.Tensor:
+    """Grid values (integers, or E4M3 values; a float32 tensor) exactly as QuantizeLinear
+    computes them."""
     s = _broadcast(scale.to(torch.float32), x, axis)
-    # torch.round rounds half to even, like QuantizeLinear; divide (not multiply by 1/s)
-    # because that is the operation the ONNX spec and onnxruntime perform.
-    return torch.clamp(torch.round(x.to(torch.float32) / s), grid.qmin, grid.qmax)
+    # divide (not multiply by 1/s): the operation the ONNX spec and onnxruntime perform
+    return grid.round(x.to(torch.float32) / s)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     return q * _broadcast(scale.to(torch.float32), q, axis)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid, axis: int | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, grid: Grid, axis: int | None = None) -> torch.Tensor:
     return dequantize(quantize(x, scale, grid, axis), scale, axis)
 
 
-def scale_for_range(max_abs: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+def scale_for_range(max_abs: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The symmetric scale that maps [-max_abs, max_abs] onto the grid."""
     return torch.clamp(max_abs.to(torch.float32) / grid.qmax, min=MIN_SCALE)
 
 
-def weight_scales(weight: torch.Tensor, grid: IntGrid, candidates: int = 60) -> torch.Tensor:
+def weight_scales(weight: torch.Tensor, grid: Grid, candidates: int = 60) -> torch.Tensor:
     """Per-output-channel scales: the clipping ratio that minimises the Lp reconstruction
     error of each channel, searched over [0.2, 1] of the channel's absolute maximum."""
     w = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
@@ -78,7 +111,7 @@ def weight_scales(weight: torch.Tensor, grid: IntGrid, candidates: int = 60) -> 
     return best
 
 
-def activation_scale(values: torch.Tensor, max_abs: float, grid: IntGrid, candidates: int = 100) -> torch.Tensor:
+def activation_scale(values: torch.Tensor, max_abs: float, grid: Grid, candidates: int = 100) -> torch.Tensor:
     """Per-tensor scale minimising the MSE of fake-quantizing `values` (a sample of the
     activation), searched over clipping points up to the observed absolute maximum."""
     v = values.detach().to(torch.float32).flatten()

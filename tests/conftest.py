@@ -55,17 +55,34 @@ def model_copy(tmp_path):
 
 
 EXPORT_STEPS = 10
+# the session export's options; a rerun with them is "up to date" (tests/test_resume.py)
+EXPORT_ARGS = ("--steps", str(EXPORT_STEPS), "--calib-samples", "16", "--report-samples", "64")
 
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """A small but complete export-trt run on the built-in model (10 steps, 16 trajectories)."""
+    """A small but complete export-trt run on the built-in model (10 steps, 16 trajectories,
+    a report on 64 samples per variant)."""
     out = tmp_path_factory.mktemp("exp") / "out"
-    result = run_cli("--steps", str(EXPORT_STEPS), "--calib-samples", "16", "--output", str(out),
-                     entry="export-trt")
+    result = run_cli(*EXPORT_ARGS, "--output", str(out), entry="export-trt")
     assert result.returncode == 0, result.stderr
     (out.parent / "export-trt.log").write_text(result.stdout)  # beside OUT, not in it
     return out
+
+
+@pytest.fixture(scope="session")
+def fp8_calibrated(tmp_path_factory):
+    """FP8 as the base configuration, with w4a8, w8a8 and the float engine (fp16) beside it,
+    scheduled by estimated latency on an L40S (5 steps, 8 trajectories), then exported:
+    (OUT, the calibration's printed summary)."""
+    out = tmp_path_factory.mktemp("fp8") / "out"
+    result = run_cli("calibrate", "--format", "fp8", "--configs", "w4a8,w8a8,fp16", "--steps", "5",
+                     "--calib-samples", "8", "--mixed-precision", "latency:1.2", "--target-gpu", "l40s",
+                     "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    exported = run_cli("export", str(out))
+    assert exported.returncode == 0, exported.stderr
+    return out, result.stdout
 
 
 @pytest.fixture()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ptqd.quant_math import IntGrid, activation_scale, fake_quantize, quantize, weight_scales
+from ptqd.quant_math import E4M3, IntGrid, activation_scale, fake_quantize, quantize, weight_scales
 
 
-def _ort_quantize(x: np.ndarray, scale: np.ndarray, axis: int, bits: int) -> np.ndarray:
-    qtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
+def _ort_quantize(x: np.ndarray, scale: np.ndarray, axis: int, bits) -> np.ndarray:
+    qtype = {8: TensorProto.INT8, 4: TensorProto.INT4, "fp8": TensorProto.FLOAT8E4M3FN}[bits]
     zp = helper.make_tensor("zp", qtype, scale.shape, np.zeros(scale.size, dtype=np.int64).tolist())
     s = helper.make_tensor("s", TensorProto.FLOAT, scale.shape, scale.flatten().tolist())
     q = helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], axis=axis)
@@ -23,9 +23,13 @@ def _ort_quantize(x: np.ndarray, scale: np.ndarray, axis: int, bits: int) -> np.
     return sess.run(None, {"x": x})[0]
 
 
+def _grid(bits):
+    return E4M3 if bits == "fp8" else IntGrid(bits)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fake_quant_equals_onnx_quantize_dequantize_per_tensor(bits):
-    grid = IntGrid(bits)
+    grid = _grid(bits)
     scale = np.array(0.05, dtype=np.float32)
     # exact .5 ties on the grid, both signs, and values far past saturation
     ties = (np.arange(-20, 20) + 0.5).astype(np.float32) * scale
@@ -34,13 +38,32 @@ def test_fake_quant_equals_onnx_quantize_dequantize_per_tensor(bits):
     np.testing.assert_array_equal(ours, _ort_quantize(x, scale, 1, bits))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "fp8"])
 def test_per_channel_weights_equal_onnx_on_axis_0(bits):
-    grid = IntGrid(bits)
+    grid = _grid(bits)
     w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(1))
     scale = weight_scales(w, grid)
     ours = fake_quantize(w, scale, grid, axis=0).numpy()
     np.testing.assert_array_equal(ours, _ort_quantize(w.numpy(), scale.numpy(), 0, bits))
+
+
+def test_fp8_twin_equals_onnx_on_ties_subnormals_and_saturation():
+    """E4M3 as QuantizeLinear(saturate=1) computes it: every representable value and every
+    midpoint between neighbours (ties go to the even mantissa), subnormals, and values past
+    +-448 (saturated, where a plain float8 cast would give NaN)."""
+    import ml_dtypes
+
+    values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    grid_values = np.unique(values[np.isfinite(values)])
+    midpoints = (grid_values[:-1] + grid_values[1:]) / 2
+    x = np.concatenate([grid_values, midpoints, [500.0, -1e4, 449.0, 1e-4, -3e-3],
+                        np.random.default_rng(4).normal(0, 100, 4000)]).astype(np.float32)
+    scale = np.array(1.0, dtype=np.float32)
+    ours = fake_quantize(torch.from_numpy(x), torch.from_numpy(scale), E4M3).numpy()
+    np.testing.assert_array_equal(ours, _ort_quantize(x, scale, 1, "fp8"))
+    assert ours.max() == 448.0 and ours.min() == -448.0
+    # ties to even: 1.0625 lies between 1.0 (mantissa 000) and 1.125 (001)
+    assert quantize(torch.tensor([1.0625, 1.1875]), torch.tensor(1.0), E4M3).tolist() == [1.0, 1.25]
 
 
 def test_rounding_is_half_to_even_and_saturates():

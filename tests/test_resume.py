@@ -2,9 +2,8 @@
 redoes the ones that changed (and everything after them)."""
 import json
 
-from tests.conftest import EXPORT_STEPS, assert_user_error, run_cli
-
-ARGS = ("--steps", str(EXPORT_STEPS), "--calib-samples", "16")
+from tests.conftest import EXPORT_ARGS as ARGS
+from tests.conftest import assert_user_error, run_cli
 
 
 def _export(out, *extra):
@@ -43,16 +42,18 @@ def test_changed_engine_options_redo_engines_and_reuse_calibration(exported_copy
 
 
 def test_a_stage_output_changed_since_is_redone(exported_copy):
-    """Same options, but calibration/ptqd.json was edited: its recorded output digest no
-    longer matches, so calibration is not trusted and is redone. (A later stage is reused
-    only if its own inputs came out byte-identical: calibration is seeded, so the graphs do,
-    while ptqd.json also records the calibration time, so the report may or may not be.)"""
-    path = exported_copy / "calibration" / "ptqd.json"
+    """Same options, but onnx/precision_plan.json (an export output) was edited: its recorded
+    output digest no longer matches, so the export stage is not trusted and is redone; its
+    graphs come out byte-identical, so the stages after it are reused, calibration before it
+    too. (Every stage's output is checked the same way: resume.Resume.)"""
+    path = exported_copy / "onnx" / "precision_plan.json"
     path.write_text(path.read_text() + " ")
-    assert_user_error(_export(exported_copy), "redo: calibrate, export")
+    assert_user_error(_export(exported_copy), "redo: export", "--force")
     result = _export(exported_copy, "--force")
     assert result.returncode == 0, result.stderr
-    assert "[calibrate] inputs unchanged" not in result.stdout
+    assert "[calibrate] inputs unchanged" in result.stdout
+    assert "[export] inputs unchanged" not in result.stdout
+    assert "[engines] inputs unchanged" in result.stdout
     assert not path.read_text().endswith(" ")
     assert run_cli("verify", str(exported_copy)).returncode == 0
 

@@ -8,18 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqd.calibration.params import ConfigQuant, LayerQuant
-from ptqd.quant_math import IntGrid, dequantize, fake_quantize
+from ptqd.calibration.configs import BitConfig
+from ptqd.quant_math import dequantize, fake_quantize
 
 
 class FakeQuantLayer(nn.Module):
     """Conv2d or Linear with its input fake-quantized per tensor and its weight per channel."""
 
-    def __init__(self, layer: nn.Module, lq: LayerQuant, weight_bits: int, act_bits: int):
+    def __init__(self, layer: nn.Module, lq: LayerQuant, config: BitConfig):
         super().__init__()
         self.layer = layer
-        self.act_grid = IntGrid(act_bits)
+        self.act_grid = config.act_grid
         self.register_buffer("act_scale", lq.act_scale.to(torch.float32))
-        integers = lq.weight_integers(layer.weight, IntGrid(weight_bits))
+        integers = lq.weight_integers(layer.weight, config.weight_grid)
         self.register_buffer("weight_q", dequantize(integers, lq.weight_scale, axis=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,5 @@ def fake_quant_unet(unet: nn.Module, quant: ConfigQuant) -> nn.Module:
     for name, lq in quant.layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FakeQuantLayer(getattr(parent, child), lq,
-                                              quant.config.weight_bits, quant.config.act_bits))
+        setattr(parent, child, FakeQuantLayer(getattr(parent, child), lq, quant.config))
     return model.eval()

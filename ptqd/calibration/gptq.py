@@ -30,7 +30,7 @@ from torch import nn
 
 from ptqd.calibration.layers import quantizable_layers
 from ptqd.calibration.params import ConfigQuant
-from ptqd.quant_math import IntGrid, fake_quantize, quantize
+from ptqd.quant_math import Grid, fake_quantize, quantize
 
 DAMP = 0.01
 BLOCK = 128
@@ -56,7 +56,7 @@ def layer_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class HessianAccumulator:
     """Running H = 2 X X^T / n of one layer's (fake-quantized) inputs."""
 
-    def __init__(self, module: nn.Module, act_scale: torch.Tensor, act_grid: IntGrid):
+    def __init__(self, module: nn.Module, act_scale: torch.Tensor, act_grid: Grid):
         d = hessian_columns(module)
         self.module, self.act_scale, self.act_grid = module, act_scale, act_grid
         self.h = torch.zeros(d, d, dtype=torch.float32)
@@ -86,7 +86,7 @@ def layer_groups(sizes: dict[str, int], budget: int = HESSIAN_BUDGET_BYTES) -> l
     return groups + ([current] if current else [])
 
 
-def collect_hessians(modules: dict[str, nn.Module], act_scales: dict[str, torch.Tensor], act_grid: IntGrid,
+def collect_hessians(modules: dict[str, nn.Module], act_scales: dict[str, torch.Tensor], act_grid: Grid,
                      run_probes: Callable[[], None], budget: int = HESSIAN_BUDGET_BYTES
                      ) -> Iterable[tuple[str, torch.Tensor]]:
     """(layer, H) for every layer of `modules`, group by group: each group's hooks record
@@ -106,7 +106,7 @@ def collect_hessians(modules: dict[str, nn.Module], act_scales: dict[str, torch.
             yield name, accs.pop(name).h
 
 
-def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, grid: IntGrid,
+def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, grid: Grid,
                   damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
     """The integers GPTQ picks for `weight` ([out, ...], per-output-channel `scale`), in the
     weight's shape, as a float tensor of grid values (like quant_math.quantize)."""
@@ -146,25 +146,28 @@ def output_error(weight: torch.Tensor, integers: torch.Tensor, scale: torch.Tens
 def reconstruct_weights(unet: nn.Module, quants: list[ConfigQuant], run_probes: Callable[[], None],
                         budget: int = HESSIAN_BUDGET_BYTES) -> None:
     """GPTQ's integers for every quantized layer of every configuration, in place
-    (LayerQuant.weight_int). Configurations with the same activation bits share the layers'
-    Hessians: their inputs are fake-quantized with the same calibrated scale."""
+    (LayerQuant.weight_int). Configurations with the same activation grid share the layers'
+    Hessians: their inputs are fake-quantized with the same calibrated scale. The float
+    configuration (fp16, no layers) has nothing to reconstruct."""
     modules = quantizable_layers(unet)
     order = {name: i for i, name in enumerate(modules)}
-    by_act: dict[int, list[ConfigQuant]] = {}
+    by_act: dict = {}
     for q in quants:
-        by_act.setdefault(q.config.act_bits, []).append(q)
-    for act_bits, group in sorted(by_act.items()):
+        if q.layers:
+            by_act.setdefault(q.config.act_grid, []).append(q)
+    for act_grid, group in by_act.items():
         scales = {name: lq.act_scale for q in group for name, lq in q.layers.items()}
         # grouped convolutions have per-group Hessians; ptqd's UNets have none, and they keep nearest rounding
         names = sorted((n for n in scales if getattr(modules[n], "groups", 1) == 1), key=order.__getitem__)
-        hessians = collect_hessians({n: modules[n] for n in names}, scales, IntGrid(act_bits), run_probes, budget)
+        hessians = collect_hessians({n: modules[n] for n in names}, scales, act_grid, run_probes, budget)
         for name, hessian in hessians:
             for q in group:
                 if name in q.layers:
                     lq = q.layers[name]
-                    integers = gptq_integers(modules[name].weight, hessian, lq.weight_scale,
-                                             IntGrid(q.config.weight_bits))
-                    lq.weight_int = integers.to(torch.int8)
+                    grid = q.config.weight_grid
+                    integers = gptq_integers(modules[name].weight, hessian, lq.weight_scale, grid)
+                    lq.weight_int = integers.to(grid.storage)
     for q in quants:
-        q.weight_rounding = "gptq"
+        if q.layers:
+            q.weight_rounding = "gptq"
 

@@ -44,3 +44,11 @@ def gpu_spec(name: str) -> GPU:
     if gpu is None:
         raise UserError(f"unknown target GPU {name!r} (known: {', '.join(GPUS)})")
     return gpu
+
+
+def require_format(gpu: GPU, fmt: str) -> None:
+    """UserError when the GPU has no tensor cores for `fmt` (A100: no FP8)."""
+    peak = {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt]
+    if peak is None:
+        raise UserError(f"the {gpu.label} ({gpu.name}) has no {fmt.upper()} tensor cores: "
+                        f"leave {fmt} out of the configurations or pick another --target-gpu")

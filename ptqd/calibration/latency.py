@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 
 from ptqd.calibration.configs import is_kept
-from ptqd.calibration.gpus import DEFAULT_GPU, GPU, gpu_spec
+from ptqd.calibration.gpus import DEFAULT_GPU, GPU, gpu_spec, require_format
 from ptqd.calibration.layers import FloatOps, LayerInfo
 from ptqd.errors import UserError
 
@@ -64,11 +64,8 @@ def layer_format(config: str, layer: str, keep: tuple[str, ...]) -> str:
 
 def tensor_rate(gpu: GPU, fmt: str) -> float:
     """Dense tensor-core operations per second (one MAC = 2 operations)."""
-    peak = {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt]
-    if peak is None:
-        raise UserError(f"the {gpu.label} ({gpu.name}) has no {fmt.upper()} tensor cores: "
-                        f"leave {fmt} out of the configurations or pick another --target-gpu")
-    return peak * 1e12
+    require_format(gpu, fmt)
+    return {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt] * 1e12
 
 
 def layer_seconds(layer: LayerInfo, fmt: str, batch: int, gpu: GPU) -> float:

@@ -12,7 +12,7 @@ import torch
 from ptqd.calibration.configs import BitConfig, is_kept
 from ptqd.calibration.data import CalibrationData
 from ptqd.calibration.layers import quantizable_layers
-from ptqd.quant_math import IntGrid, activation_scale, quantize, weight_scales
+from ptqd.quant_math import Grid, IntGrid, activation_scale, quantize, weight_scales
 
 PARAMS_TENSORS = "quant_params.safetensors"
 PARAMS_JSON = "quant_params.json"
@@ -25,10 +25,11 @@ class LayerQuant:
     # 8-bit scale of the layer's output, used only by the CPU-fast ONNX Runtime graph, which
     # must quantize outputs for onnxruntime to fuse QLinearConv/QLinearMatMul
     output_scale: torch.Tensor | None = None
-    # the weight's integers as GPTQ chose them (int8, the weight's shape); None: nearest rounding
+    # the weight's grid values as GPTQ chose them (the weight's shape; int8 for integer grids,
+    # float8_e4m3fn for FP8); None: nearest rounding
     weight_int: torch.Tensor | None = None
 
-    def weight_integers(self, weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    def weight_integers(self, weight: torch.Tensor, grid: Grid) -> torch.Tensor:
         """The integers every graph flavour and the fake-quant model use (float grid values,
         [out, ...] like the torch weight)."""
         if self.weight_int is not None:
@@ -44,18 +45,28 @@ class ConfigQuant:
     weight_rounding: str = "nearest"   # or "gptq" (calibration.gptq)
 
 
-def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple[str, ...]) -> ConfigQuant:
-    wgrid, agrid = IntGrid(config.weight_bits), IntGrid(config.act_bits)
+def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple[str, ...],
+                     searched: dict | None = None) -> ConfigQuant:
+    """Scales of every layer not kept; the float configuration (fp16) keeps every layer.
+    `searched` (shared between the configurations of one calibration) holds each scale search
+    by (tensor, grid): configurations on the same grid get the same scale, searched once."""
+    wgrid, agrid = config.weight_grid, config.act_grid
+    searched = {} if searched is None else searched
+
+    def search(key, values, absmax, grid):
+        if (key, grid) not in searched:
+            searched[key, grid] = activation_scale(values, absmax, grid).reshape(())
+        return searched[key, grid].clone()   # safetensors stores no tensor twice
+
     result = ConfigQuant(config)
     for name, module in quantizable_layers(unet).items():
-        if is_kept(name, keep):
+        if not config.quantized or is_kept(name, keep):
             result.kept.append(name)
             continue
         result.layers[name] = LayerQuant(
             weight_scale=weight_scales(module.weight, wgrid),
-            act_scale=activation_scale(data.act_values[name], data.act_absmax[name], agrid).reshape(()),
-            output_scale=activation_scale(data.out_values[name], data.out_absmax[name],
-                                          IntGrid(8)).reshape(()))
+            act_scale=search(name, data.act_values[name], data.act_absmax[name], agrid),
+            output_scale=search(f"{name}:out", data.out_values[name], data.out_absmax[name], IntGrid(8)))
     return result
 
 
@@ -71,8 +82,9 @@ def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) 
             if lq.output_scale is not None:
                 tensors[f"{name}/{layer}/output_scale"] = lq.output_scale.contiguous()
             if lq.weight_int is not None:
-                tensors[f"{name}/{layer}/weight_int"] = lq.weight_int.to(torch.int8).contiguous()
+                tensors[f"{name}/{layer}/weight_int"] = lq.weight_int.to(q.config.weight_grid.storage).contiguous()
         doc["configs"][name] = {"weight_bits": q.config.weight_bits, "act_bits": q.config.act_bits,
+                                "format": q.config.fmt,
                                 "weight_rounding": q.weight_rounding,
                                 "weight_granularity": "per-channel(axis=0)",
                                 "act_granularity": "per-tensor", "zero_point": 0,
@@ -96,7 +108,8 @@ def load_params(folder: Path) -> dict[str, ConfigQuant]:
                         "recalibrate, or check the output with `ptqd verify`") from None
     out = {}
     for name, meta in doc["configs"].items():
-        q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"]), kept=list(meta["kept_layers"]),
+        q = ConfigQuant(BitConfig(meta["weight_bits"], meta["act_bits"], meta.get("format", "int")),
+                        kept=list(meta["kept_layers"]),
                         weight_rounding=meta.get("weight_rounding", "nearest"))
         for layer in meta["quantized_layers"]:
             q.layers[layer] = LayerQuant(tensors[f"{name}/{layer}/weight_scale"],

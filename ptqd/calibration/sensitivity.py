@@ -50,7 +50,7 @@ def layer_sensitivity(unet, quant: ConfigQuant, data: CalibrationData, probes: l
     rows = []
     for name, lq in quant.layers.items():
         original = unet.get_submodule(name)
-        _swap(unet, name, FakeQuantLayer(original, lq, quant.config.weight_bits, quant.config.act_bits))
+        _swap(unet, name, FakeQuantLayer(original, lq, quant.config))
         try:
             mse = probe_mse(unet, data, probes, conditioner)
         finally:

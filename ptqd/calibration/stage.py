@@ -16,7 +16,7 @@ from ptqd.calibration.configs import (DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAU
 from ptqd.calibration.data import CHUNK, CalibrationData, collect, probe_predictions, probes
 from ptqd.calibration.fakequant import fake_quant_unet
 from ptqd.calibration.gptq import BLOCK, DAMP, reconstruct_weights
-from ptqd.calibration.gpus import DEFAULT_GPU, gpu_spec
+from ptqd.calibration.gpus import DEFAULT_GPU, gpu_spec, require_format
 from ptqd.calibration.latency import estimate_step_latency, same_cost
 from ptqd.calibration.layers import measure_float_ops, measure_layers
 from ptqd.calibration.mixed_precision import Policy, choose_schedule, config_bops, fp32_bops
@@ -30,6 +30,9 @@ from ptqd.errors import UserError
 from ptqd.runtime.schedule import fold_step
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# what a base configuration may be: integer grids (--bits/--act-bits) or FP8; fp16, the float
+# engine, is only ever a candidate beside a quantized base
+BASE_FORMATS = ("int", "fp8")
 # recorded (x_t, t) whose layer inputs build GPTQ's Hessians, spread over every step
 GPTQ_PROBES = 256
 
@@ -52,15 +55,22 @@ class CalibrationRequest:
     conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
     weight_rounding: str | None = None   # None: gptq below 8 weight bits, else nearest
     target_gpu: str = DEFAULT_GPU        # whose datasheet peaks price the latency estimates
+    format: str = "int"                  # the base configuration's: int (bits, act_bits) or fp8
+
+    @property
+    def base(self) -> BitConfig:
+        return BitConfig.of_format(self.format, self.bits, self.act_bits)
 
     @property
     def rounding(self) -> str:
         if self.weight_rounding is not None:
             return self.weight_rounding
-        return "gptq" if self.bits < 8 else "nearest"
+        return "gptq" if self.base.weight_bits < 8 else "nearest"
 
     def validate(self) -> tuple[BitConfig, Policy]:
-        base = BitConfig(self.bits, self.act_bits)
+        if self.format not in BASE_FORMATS:
+            raise UserError(f"--format {self.format!r}: expected {' or '.join(BASE_FORMATS)}")
+        base = self.base
         policy = Policy.parse(self.mixed_precision)
         if self.calib_samples < 8:
             raise UserError(f"--calib-samples {self.calib_samples} is too few (at least 8)")
@@ -68,6 +78,10 @@ class CalibrationRequest:
             raise UserError(f"--correction {self.correction!r}: expected auto or {', '.join(CORRECTIONS)}")
         if self.weight_rounding not in (None, *WEIGHT_ROUNDINGS):
             raise UserError(f"--weight-rounding {self.weight_rounding!r}: expected {' or '.join(WEIGHT_ROUNDINGS)}")
+        # every configuration parsed and priceable on the target before minutes of calibration
+        configs = candidate_configs(base, list(self.extra_configs))
+        if any(c.fmt == "fp8" for c in configs):
+            require_format(gpu_spec(self.target_gpu), "fp8")
         gpu_spec(self.target_gpu)
         return base, policy
 
@@ -117,7 +131,8 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     quantized = [layer.name for layer in layers if not is_kept(layer.name, req.keep)]
     data = collect(unet, sched_cfg, req.steps, req.eta, req.calib_samples, req.seed, quantized,
                    conditioner=conditioner)
-    quants = [calibrate_config(unet, cfg, data, req.keep) for cfg in configs]
+    searched: dict = {}
+    quants = [calibrate_config(unet, cfg, data, req.keep, searched) for cfg in configs]
     reconstruction = _reconstruct(unet, quants, data, req.rounding, conditioner)
     n_fit = max(4, req.calib_samples * 3 // 4)
     stats = {}
@@ -203,7 +218,7 @@ def _document(req, source, base, policy, configs, quants, layers, timeline, stat
         "num_inference_steps": req.steps, "eta": req.eta, "seed": req.seed,
         "calib_samples": req.calib_samples, "base_config": base.name,
         "correction_mode": req.correction, "keep_patterns": list(req.keep),
-        "configs": {c.name: {"weight_bits": c.weight_bits, "act_bits": c.act_bits,
+        "configs": {c.name: {"weight_bits": c.weight_bits, "act_bits": c.act_bits, "format": c.fmt,
                              "bops_per_step": bops[c.name], "quantized_layers": len(q.layers),
                              "kept_layers": sorted(q.kept)} for c, q in zip(configs, quants)},
         "fp32_bops_per_step": fp32_bops(layers),
@@ -222,6 +237,11 @@ def print_summary(doc: dict) -> None:
     click.echo(f"{'config':8} {'mean k':>8} {'mean |bias|':>11} {'mean σ_q':>9} "
                f"{'SNR dB (naive→PTQD)':>20} {'BOPs/step':>11}")
     for name, per_step in doc["stats"].items():
+        if doc["configs"][name].get("format") == "fp16":
+            # its statistics are measured on the FP32 torch model: zero by construction
+            click.echo(f"{name:8} {'float engine, no quantization noise':>51} "
+                       f"{doc['configs'][name]['bops_per_step']:11.3e}")
+            continue
         n = len(per_step)
         k = sum(s["k"] for s in per_step) / n
         b = sum(sum(abs(v) for v in s["bias"]) / len(s["bias"]) for s in per_step) / n

@@ -7,6 +7,7 @@ engines/<plan stem>.timing.json (ptqd/engines/timing.py reads it back).
 """
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -103,9 +104,22 @@ def check_arguments(job: EngineJob) -> list[str]:
     return [job.name, ref.name, shapes, ranges]
 
 
+INT_BYTES = {onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4}
+
+
 def timing_arguments(job: EngineJob) -> list[str]:
-    """time_plan's arguments: plan stem, configuration, opt batch, trtexec --shapes."""
-    return [job.name, job.config, str(next(iter(job.shapes.values()))[1][0]), _shape_arg(job.shapes, 1)]
+    """time_plan's arguments: plan stem, configuration, opt batch, trtexec --shapes, and the
+    integer inputs as name:bytes at the opt shape. trtexec fills inputs it is not given with
+    random values, for integers in [-128, 127]: out-of-range class or token indices, undefined
+    in TensorRT; time_plan feeds those inputs zeros (a valid index) instead."""
+    graph = onnx.load(str(job.onnx), load_external_data=False).graph
+    ints = []
+    for inp in graph.input:
+        size = INT_BYTES.get(inp.type.tensor_type.elem_type)
+        if size and inp.name in job.shapes:
+            ints.append(f"{inp.name}:{size * math.prod(job.shapes[inp.name][1])}")
+    return [job.name, job.config, str(next(iter(job.shapes.values()))[1][0]), _shape_arg(job.shapes, 1),
+            " ".join(ints)]
 
 
 # Placeholders are @NAME@ so that bash's own braces and dollars need no escaping.
@@ -129,8 +143,8 @@ command -v trtexec >/dev/null || { echo "trtexec not found: run this inside @IMA
 SKIP_CHECK=${PTQD_SKIP_CHECK:-0}
 ATOL=${PTQD_CHECK_ATOL:-@ATOL@}
 RTOL=${PTQD_CHECK_RTOL:-@RTOL@}
-if [ "$SKIP_CHECK" != 1 ] && ! { command -v polygraphy >/dev/null && python3 -c 'import onnxruntime' 2>/dev/null; }; then
-  echo "polygraphy and onnxruntime check the plans: PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install polygraphy onnxruntime (or PTQD_SKIP_CHECK=1 to skip the check)" >&2
+if [ "$SKIP_CHECK" != 1 ] && ! { command -v polygraphy >/dev/null && python3 -c 'import onnxruntime, tensorrt' 2>/dev/null; }; then
+  echo "polygraphy, onnxruntime and TensorRT's Python module check the plans: PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install polygraphy onnxruntime (or PTQD_SKIP_CHECK=1 to skip the check)" >&2
   exit 1
 fi
 TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)
@@ -168,11 +182,18 @@ check_plan() {  # name reference-onnx "input shapes" "value ranges"
   fi
 }
 
-time_plan() {  # name config opt-batch trtexec-shapes
-  local log median
+time_plan() {  # name config opt-batch trtexec-shapes "integer inputs as name:bytes"
+  local log median spec files=() load=() ints
+  read -r -a ints <<< "${5:-}"
+  for spec in "${ints[@]}"; do   # zeros: a valid class / token index (trtexec's own are random)
+    mkdir -p "@CHECK_DIR@"
+    head -c "${spec##*:}" /dev/zero > "@CHECK_DIR@/$1.${spec%%:*}.bin"
+    files+=("${spec%%:*}:@CHECK_DIR@/$1.${spec%%:*}.bin")
+  done
+  if [ ${#files[@]} -gt 0 ]; then load=("--loadInputs=$(IFS=,; echo "${files[*]}")"); fi
   # CUDA graph, no host<->device copies: the GPU time of one denoising call, as the sampler's
   # --cuda-graph runs it (TensorRT 11's trtexec does this by default and takes the flags as no-ops)
-  if ! log=$(trtexec --loadEngine="engines/$1.plan" --shapes="$4" --useCudaGraph --noDataTransfers \
+  if ! log=$(trtexec --loadEngine="engines/$1.plan" --shapes="$4" "${load[@]}" --useCudaGraph --noDataTransfers \
       --useSpinWait 2>&1); then
     printf '%s\n' "$log" | tail -n 5 >&2
     echo "engines/$1.plan: trtexec could not time it" >&2

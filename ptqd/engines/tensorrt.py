@@ -286,6 +286,7 @@ class _Binding:
     shapes: tuple
     buffers: dict
     graph: object = None
+    eager: bool = False   # its CUDA graph capture failed: always run eagerly
 
 
 class TensorRTGraph:
@@ -320,7 +321,11 @@ class TensorRTGraph:
             self._bound = None
         if self._bound != shapes:
             for name, shape in zip(self.inputs, shapes):
-                self.context.set_input_shape(name, shape)
+                # False when a shape lies outside the engine's profile (not only its batch)
+                if not self.context.set_input_shape(name, shape):
+                    lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+                    raise UserError(f"input {name} of shape {list(shape)} is outside the engine's profile "
+                                    f"{list(lo)}..{list(hi)} (rebuild for these shapes)")
             if self.output not in binding.buffers:   # its shape is known once the inputs' are
                 out_shape = tuple(self.context.get_tensor_shape(self.output))
                 binding.buffers[self.output] = cuda.empty(out_shape, self.dtypes[self.output])
@@ -340,8 +345,15 @@ class TensorRTGraph:
             self.engines.cuda.replay(binding.graph)
             return
         self._enqueue()
-        if self.engines.cuda_graph:
-            binding.graph = self.engines.cuda.capture(self._enqueue)
+        if self.engines.cuda_graph and not binding.eager:
+            try:
+                binding.graph = self.engines.cuda.capture(self._enqueue)
+            except RuntimeError as exc:
+                # an engine may hold work that CUDA graphs cannot capture (trtexec falls back
+                # the same way): this shape runs eagerly from now on
+                binding.eager = True
+                click.echo(f"[tensorrt] CUDA graph capture failed for shapes {list(binding.shapes)} "
+                           f"({exc}); running without a graph", err=True)
 
     def _prepare(self, arrays: dict) -> _Binding:
         batch = len(next(iter(arrays.values())))

@@ -30,6 +30,7 @@ MIN_OPSET = 19
 EXCEPTIONS_KEY = "ptqd.fp32_exceptions"
 # (op, input index) that ONNX types float32 independently of the data tensor
 FP32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 
@@ -47,12 +48,14 @@ def float_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _to_fp16(array: np.ndarray, name: str) -> np.ndarray:
+def _to_fp16(array: np.ndarray, name: str, flush_ok: bool = False) -> np.ndarray:
+    """FP16 copy; refused past FP16's range, and (unless flush_ok) where a nonzero value
+    would round to zero: harmless for a weight's few tiny values, fatal for a Q/DQ scale."""
     finite = array[np.isfinite(array)]
     if finite.size and np.abs(finite).max() > FP16_MAX:
         raise ValueError(f"{name} holds {np.abs(finite).max():g}, beyond FP16's range ({FP16_MAX:g})")
     nonzero = np.abs(finite[finite != 0])
-    if nonzero.size and nonzero.min() < FP16_TINY:
+    if not flush_ok and nonzero.size and nonzero.min() < FP16_TINY:
         raise ValueError(f"{name} holds {nonzero.min():g}, which FP16 flushes to zero")
     return array.astype(np.float16)
 
@@ -92,12 +95,12 @@ class _Converter:
             self.current[out] = to
         return self.casts[key]
 
-    def initializer(self, name: str, to: int) -> str:
+    def initializer(self, name: str, to: int, flush_ok: bool) -> str:
         if to == FLOAT:
             return name
         key = (name, FLOAT16)
         if key not in self.casts:
-            value = _to_fp16(numpy_helper.to_array(self.inits[name]), name)
+            value = _to_fp16(numpy_helper.to_array(self.inits[name]), name, flush_ok)
             self.new_inits.append(numpy_helper.from_array(value, f"{name}/fp16"))
             self.casts[key] = f"{name}/fp16"
         return self.casts[key]
@@ -112,7 +115,7 @@ class _Converter:
                 continue
             want = FLOAT if (kept or fp32_slot(node.op_type, i)) else FLOAT16
             if name in self.inits:
-                node.input[i] = self.initializer(name, want)
+                node.input[i] = self.initializer(name, want, node.op_type not in QDQ_OPS)
             elif self.source_type(name) != want:
                 node.input[i] = self.cast(name, want)
         if not kept:

@@ -29,13 +29,17 @@ RULES = {
     "int4-activation": "INT4 is weight-only in TensorRT",
     "int4-conv": "TensorRT has no INT4 convolution (store the 4-bit grid as INT8)",
     "int4-blocked": "INT4 MatMul/Gemm weights need block quantization (block 64 or 128)",
-    "opset": "INT4 and block quantization need opset >= 21, per-channel needs >= 13",
+    "opset": "INT4 and block quantization need opset >= 21, FP8 needs >= 19, per-channel needs >= 13",
+    "fp8-int8-mix": "a layer's weight and input must both be FP8 or both INT8: TensorRT has no kernel "
+                    "that mixes the two",
     "fp32-compute": "a strongly typed TensorRT build runs an op on FP32 tensors in FP32: make it FP16 "
                     f"or name it in the graph's {EXCEPTIONS_KEY} metadata with its reason",
 }
 # TensorRT-specific: INT4 kernels, and the placement TensorRT fuses best; onnxruntime's
 # fast graphs need the opposite placement (quantized outputs feeding several ops).
-TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair", "fp32-compute"}
+TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair", "fp32-compute",
+            "fp8-int8-mix"}
+EIGHT_BIT = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN)
 # Not compute: a Cast is the boundary between precisions (the graph's float32 I/O included),
 # Constant creates data, Shape/Size read only a tensor's dimensions.
 NOT_COMPUTE = ("Cast", "Constant", "Shape", "Size")
@@ -85,8 +89,10 @@ def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
         out.append(Violation(node.name, "scale-positive", f"min scale {scale.min():g}"))
     if len(node.input) > 2 and node.input[2]:
         zp = g.constant(node.input[2])
-        if zp is None or np.any(zp != 0):
+        if zp is None or np.any(zp.astype(np.float32) != 0):
             out.append(Violation(node.name, "zero-point", f"zero point {node.input[2]}"))
+        if g.dtype(node.input[2]) == TensorProto.FLOAT8E4M3FN and g.opset < 19:
+            out.append(Violation(node.name, "opset", f"FP8 at opset {g.opset}, needs 19"))
     if scale is not None and scale.size > 1:
         needed = 21 if g.attr(node, "block_size", 0) else 13
         if g.opset < needed:
@@ -132,6 +138,12 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
             expected = 0
         if axis != expected:
             out.append(Violation(dq.name, "weight-axis", f"axis {axis} for {user.op_type}, expected {expected}"))
+    act = g.producer.get(user.input[0])
+    act_type = g.dtype(act.input[2]) if act is not None and act.op_type == "DequantizeLinear" and len(act.input) > 2 else None
+    if weight.data_type in EIGHT_BIT and act_type in EIGHT_BIT and act_type != weight.data_type:
+        names = {TensorProto.INT8: "INT8", TensorProto.FLOAT8E4M3FN: "FP8"}
+        out.append(Violation(dq.name, "fp8-int8-mix", f"{names[weight.data_type]} weight, "
+                             f"{names[act_type]} input into {user.name}"))
     if weight.data_type == TensorProto.INT4:
         if user.op_type in ("Conv", "ConvTranspose"):
             out.append(Violation(dq.name, "int4-conv", f"INT4 weight feeds {user.name}"))

@@ -9,7 +9,10 @@ from ptqd.calibration.params import ConfigQuant
 CONV_OPS = ("Conv", "ConvTranspose")
 
 
-def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
+def _storage(op: str, config) -> dict:
+    if config.fmt == "fp8":
+        return _fp8_storage(op)
+    weight_bits, act_bits = config.weight_bits, config.act_bits
     w_trt = "INT8" if weight_bits == 8 else "INT8 holding the 4-bit grid [-8, 7]"
     a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
     return {
@@ -25,6 +28,18 @@ def _storage(op: str, weight_bits: int, act_bits: int) -> dict:
                              "outputs": "INT8 (calibrated scale)",
                              "executes": {"Conv": "QLinearConv", "MatMul": "QLinearMatMul",
                                           "Gemm": "QGemm"}.get(op, "float")},
+    }
+
+
+def _fp8_storage(op: str) -> dict:
+    fp8 = "FLOAT8E4M3FN (E4M3, saturating at +-448 x scale)"
+    return {
+        "tensorrt": {"graph": "unet_fp8.onnx", "weights": fp8, "activations": fp8,
+                     "scales": "FP16 (the Q input's type; DQ emits FP16)",
+                     "executes": "FP8 kernel (Ada and Hopper GPUs; compute capability >= 8.9)"},
+        "onnxruntime": {"graph": "unet_fp8.ort.onnx", "weights": fp8, "activations": fp8,
+                        "executes": "dequantized to float, float kernel; the exact twin of the fake-quant "
+                                    "model (also the CPU graph: onnxruntime has no FP8 kernels)"},
     }
 
 
@@ -50,8 +65,9 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
         for name, node in sorted(nodes.items()):
             entry = {"layer": name, "node": node.name, "op": node.op_type, "role": layer_role(name, node.op_type)}
             if name in quant.layers:
-                entry.update(requested=cfg, **_storage(node.op_type, quant.config.weight_bits,
-                                                       quant.config.act_bits))
+                entry.update(requested=cfg, **_storage(node.op_type, quant.config))
+            elif not quant.config.quantized:
+                entry.update(requested=cfg, reason="the float engine: nothing quantized", **FLOAT_STORAGE)
             else:
                 entry.update(requested="fp32", reason="kept in float (first/last conv or time "
                              "embedding by default; see keep_patterns)", **KEPT_STORAGE)
@@ -66,6 +82,11 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
 # a layer kept in float: FP16 in the graph TensorRT builds, FP32 in ONNX Runtime's graphs
 KEPT_STORAGE = {"tensorrt": {"graph": "unet_<cfg>.onnx", "weights": "FP16", "executes": "FP16 kernel"},
                 "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
+
+
+# the float configuration (fp16): TensorRT builds its FP16 graph, ONNX Runtime runs the FP32 graph
+FLOAT_STORAGE = {"tensorrt": {"graph": "unet_fp16.onnx", "weights": "FP16", "executes": "FP16 kernel"},
+                 "onnxruntime": {"graph": "unet_fp32.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
 
 
 def tensorrt_float(exceptions: dict[str, str]) -> dict:

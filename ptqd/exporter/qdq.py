@@ -10,6 +10,8 @@ Nothing is placed on layer outputs. These are TensorRT's explicit-quantization r
 
 Integer values are the ones the fake-quant model uses: LayerQuant.weight_integers (GPTQ's
 choice, or ptqd.quant_math.quantize's nearest rounding) and quantize for activations.
+The fp8 configuration stores weights and Q outputs as FLOAT8E4M3FN (opset >= 19) in every
+flavour; the float configuration (fp16) has no layers, so its graph is the FP graph.
 """
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptqd.calibration.params import ConfigQuant, LayerQuant
 from ptqd.exporter.onnx_fp import layer_nodes
-from ptqd.quant_math import IntGrid
 
-INT4, INT8 = TensorProto.INT4, TensorProto.INT8
+INT4, INT8, FP8 = TensorProto.INT4, TensorProto.INT8, TensorProto.FLOAT8E4M3FN
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,25 @@ def _zero_point(name: str, dtype: int, shape: tuple[int, ...]) -> onnx.TensorPro
 
 
 def _int_tensor(name: str, values: np.ndarray, dtype: int) -> onnx.TensorProto:
+    """Grid values (float or integer array) stored as INT8, INT4 or FLOAT8E4M3FN; the values
+    are on the grid already, so every conversion here is exact."""
     if dtype == INT8:
         return numpy_helper.from_array(values.astype(np.int8), name)
+    if dtype == FP8:
+        import ml_dtypes  # onnx's own dependency, its numpy FP8 type
+
+        return numpy_helper.from_array(values.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), name)
     return helper.make_tensor(name, INT4, values.shape, values.astype(np.int64).flatten().tolist())
+
+
+def storage_types(quant: ConfigQuant, storage: Storage) -> tuple[int, int]:
+    """(weight, activation) ONNX types of one configuration's Q/DQ in one graph flavour."""
+    config = quant.config
+    if config.fmt == "fp8":
+        return FP8, FP8
+    weight = INT4 if (config.weight_bits == 4 and storage.weight_int4) else INT8
+    act = INT4 if (config.act_bits == 4 and storage.act_int4) else INT8
+    return weight, act
 
 
 class QDQInserter:
@@ -77,9 +94,8 @@ class QDQInserter:
         self.new_inits: list = []
         self.dropped: set[str] = set()
 
-    def activation(self, node, layer: str, scale: float, bits: int) -> None:
+    def activation(self, node, layer: str, scale: float, bits: int, dtype: int) -> None:
         base = f"{layer}/input_quant"
-        dtype = INT4 if (bits == 4 and self.storage.act_int4) else INT8
         x = node.input[0]
         nodes = []
         if bits == 4 and dtype == INT8:
@@ -97,7 +113,7 @@ class QDQInserter:
         node.input[0] = f"{base}/dq"
         self.new_nodes.setdefault(node.name, []).extend(nodes)
 
-    def weight(self, node, layer: str, lq: LayerQuant, bits: int) -> None:
+    def weight(self, node, layer: str, lq: LayerQuant, grid, dtype: int) -> None:
         base = f"{layer}/weight_quant"
         w_name = node.input[1]
         w = numpy_helper.to_array(self.inits[w_name])
@@ -105,10 +121,9 @@ class QDQInserter:
         # the torch layout puts output channels first; MatMul's [K, N] (and Gemm without
         # transB) holds the same weight transposed
         torch_layout = torch.from_numpy(w.copy() if axis == 0 else w.T.copy())
-        q = lq.weight_integers(torch_layout, IntGrid(bits)).numpy()
+        q = lq.weight_integers(torch_layout, grid).numpy()
         q = q if axis == 0 else q.T
         scale = lq.weight_scale
-        dtype = INT4 if (bits == 4 and self.storage.weight_int4) else INT8
         self.new_inits.append(_int_tensor(f"{base}/quantized", q, dtype))
         self.new_inits.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{base}/scale"))
         self.new_inits.append(_zero_point(f"{base}/zero_point", dtype, (w.shape[axis],)))
@@ -160,10 +175,11 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
     if missing:
         raise ValueError(f"calibrated layers not found in the ONNX graph: {', '.join(missing[:5])}")
     inserter = QDQInserter(model, storage)
+    weight_type, act_type = storage_types(quant, storage)
     for layer, lq in sorted(quant.layers.items()):
         node = nodes[layer]
-        inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits)
-        inserter.weight(node, layer, lq, quant.config.weight_bits)
+        inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits, act_type)
+        inserter.weight(node, layer, lq, quant.config.weight_grid, weight_type)
         if storage.quantize_outputs:
             if lq.output_scale is None:
                 raise ValueError(f"{layer} has no output scale: recalibrate with this version")

@@ -95,6 +95,8 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     for cfg in sorted(params):
         for flavour, (storage, target) in FLAVOURS.items():
             path = graph_path(onnx_dir, cfg, flavour)
+            if path in written:  # a file two flavours share (layout.graph_path)
+                continue
             graph = insert_qdq(fp_model, params[cfg], storage)
             if flavour == "tensorrt":
                 graph = tensorrt_graph(graph, path.name)

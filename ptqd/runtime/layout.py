@@ -47,8 +47,14 @@ GRAPH_FILES = {
 
 
 def graph_path(onnx_dir: Path, cfg: str, flavour: str) -> Path:
-    if cfg == "fp32":
+    """The graph a configuration runs in a flavour. Two flavours share a file where one graph
+    serves both: the float engine (fp16) is the FP32 graph in ONNX Runtime (FP32 CPU kernels;
+    TensorRT gets its FP16 graph), and onnxruntime has no FP8 kernels to fuse into, so fp8's
+    CPU graph is its reference graph."""
+    if cfg == "fp32" or (cfg == "fp16" and flavour != "tensorrt"):
         return onnx_dir / FP_GRAPH
+    if cfg == "fp8" and flavour == "cpu-fast":
+        flavour = "onnxruntime"
     return onnx_dir / GRAPH_FILES[flavour].format(cfg=cfg)
 
 

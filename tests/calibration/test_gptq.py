@@ -12,7 +12,8 @@ from torch import nn
 
 from ptqd.calibration.gptq import (collect_hessians, gptq_integers, layer_columns, layer_groups, output_error)
 from ptqd.calibration.params import load_params
-from ptqd.quant_math import IntGrid, quantize, weight_scales
+from ptqd.quant_math import E4M3, IntGrid, quantize, weight_scales
+from ptqd.runtime.layout import GRAPH_FILES, graph_path
 
 
 def _hessian(cols: torch.Tensor) -> torch.Tensor:
@@ -31,19 +32,19 @@ def test_conv_hessian_measures_the_convolutions_own_output_error():
     assert output_error(dw, torch.zeros_like(dw), torch.ones(5), h) == pytest.approx(float(direct), rel=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "fp8"])
 def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(bits):
     gen = torch.Generator().manual_seed(1)
     mix = torch.randn(64, 64, generator=gen)
     x = torch.randn(4096, 64, generator=gen) @ mix      # strongly correlated input features
     weight = torch.randn(32, 64, generator=gen)
-    grid = IntGrid(bits)
+    grid = E4M3 if bits == "fp8" else IntGrid(bits)
     scale = weight_scales(weight, grid)
     h = _hessian(layer_columns(nn.Linear(64, 32), x))
     nearest = quantize(weight, scale, grid, axis=0)
     gptq = gptq_integers(weight, h, scale, grid)
     assert gptq.min() >= grid.qmin and gptq.max() <= grid.qmax
-    assert torch.equal(gptq, gptq.round())
+    assert torch.equal(gptq, grid.round(gptq))   # on the grid: integers, or E4M3 values
     assert (gptq != nearest).any()
     assert output_error(weight, gptq, scale, h) < 0.7 * output_error(weight, nearest, scale, h)
 
@@ -91,11 +92,12 @@ def test_export_uses_gptq_integers_in_every_flavour(exported):
     for cfg, quant in params.items():
         assert quant.weight_rounding == "gptq"
         assert all(lq.weight_int is not None for lq in quant.layers.values()), cfg
-        for flavour in (f"unet_{cfg}.onnx", f"unet_{cfg}.ort.onnx", f"unet_{cfg}.cpu.onnx"):
-            inits = {i.name: i for i in onnx.load(str(exported / "onnx" / flavour)).graph.initializer}
+        for path in {graph_path(exported / "onnx", cfg, f) for f in GRAPH_FILES}:
+            inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
             layer = "down_blocks.1.resnets.0.conv1"
-            graph = numpy_helper.to_array(inits[f"{layer}/weight_quant/quantized"]).astype(np.int64)
-            assert np.array_equal(graph, quant.layers[layer].weight_int.numpy().astype(np.int64)), flavour
+            # grid values: integers, or E4M3 values for fp8 (exact in float32 either way)
+            graph = numpy_helper.to_array(inits[f"{layer}/weight_quant/quantized"]).astype(np.float32)
+            assert np.array_equal(graph, quant.layers[layer].weight_int.to(torch.float32).numpy()), path.name
     sensitivity = json.loads((exported / "calibration" / "sensitivity.json").read_text())
     rows = sensitivity["layers"]
     assert {r["layer"] for r in rows} == set(params[doc["base_config"]].layers)

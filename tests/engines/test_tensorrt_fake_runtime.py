@@ -71,7 +71,11 @@ class FakeCuda:
     def download(self, buffer):
         return buffer.array.copy()
 
+    fail_capture = False   # as CUDA does for work it cannot capture
+
     def capture(self, enqueue):
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
         self.recording = []
         enqueue()
         graph, self.recording = self.recording, None
@@ -105,8 +109,10 @@ class FakeContext:
         self.memory = (address, size)
 
     def set_input_shape(self, name, shape):
-        lo, hi = self.engine.doc["batch"][0], self.engine.doc["batch"][2]
-        assert lo <= shape[0] <= hi
+        """As TensorRT's: False (nothing set) for a shape outside the profile, in any dim."""
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
@@ -304,3 +310,28 @@ def test_a_batch_outside_the_profile_and_a_plan_that_does_not_load_are_user_erro
     (tmp_path / "bad.plan").write_bytes(b"\x00not a plan")
     with pytest.raises(UserError, match="specific to the TensorRT version"):
         engines.load(tmp_path / "bad.plan")
+
+
+def test_a_shape_outside_the_profile_in_any_dimension_is_a_user_error_fake(tmp_path):
+    """TensorRT's set_input_shape answers False (rather than raising) for a resolution the
+    engine was not built for: one line naming the profile, not a failure further on."""
+    cuda = FakeCuda()
+    unet = EngineSet(trt=fake_runtime_trt(cuda), cuda=cuda).load(_plans(tmp_path, unet=(UNET_IO, 100))["unet"],
+                                                                  TensorRTUNet)
+    x = _inputs(np.random.default_rng(6), 2)
+    with pytest.raises(UserError, match=r"input sample of shape \[2, 1, 32, 32\] is outside the engine's profile"):
+        unet(np.zeros((2, 1, 32, 32), np.float32), x["timestep"])
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_runs_fake(tmp_path, capsys):
+    cuda = FakeCuda()
+    cuda.fail_capture = True
+    trt = fake_runtime_trt(cuda)
+    unet = EngineSet(cuda_graph=True, trt=trt, cuda=cuda).load(_plans(tmp_path, unet=(UNET_IO, 100))["unet"],
+                                                               TensorRTUNet)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        x = _inputs(rng, 4)
+        np.testing.assert_array_equal(unet(**x), fake_output(list(x.values()), (4, 1, 16, 16)))
+    assert (trt.contexts[0].eager_runs, cuda.replays) == (3, 0)
+    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1

@@ -9,7 +9,9 @@ import pytest
 
 from ptqd.evaluation.metrics import DigitFeatures, frechet_distance, per_sample_error, real_digit_features
 from ptqd.model import resolve_model
-from tests.conftest import EXPORT_STEPS, assert_user_error, run_cli
+from tests.conftest import EXPORT_ARGS, EXPORT_STEPS, assert_user_error, run_cli
+
+REPORT_SAMPLES = int(EXPORT_ARGS[EXPORT_ARGS.index("--report-samples") + 1])
 
 VARIANTS = {"fp32", "w4a8", "w4a8+ptqd", "w8a8", "w8a8+ptqd", "mixed", "mixed+ptqd"}
 
@@ -21,7 +23,7 @@ def metrics(exported):
 
 def _sample(out, tmp_path, name, *flags):
     path = tmp_path / f"{name}.npy"
-    result = run_cli("sample", str(out), "--backend", "onnxruntime", "--num", "128", "--seed", "0",
+    result = run_cli("sample", str(out), "--backend", "onnxruntime", "--num", str(REPORT_SAMPLES), "--seed", "0",
                      "--output", str(path), *flags)
     assert result.returncode == 0, result.stderr
     return np.load(path)
@@ -29,7 +31,7 @@ def _sample(out, tmp_path, name, *flags):
 
 def test_report_has_every_variant_step_and_cost(metrics):
     assert set(metrics["variants"]) == VARIANTS
-    assert metrics["samples"] == 128 and len(metrics["steps"]) == EXPORT_STEPS
+    assert metrics["samples"] == REPORT_SAMPLES and len(metrics["steps"]) == EXPORT_STEPS
     for step in metrics["steps"]:
         assert step["config"] in {"w4a8", "w8a8"}
         assert {"k", "bias_abs", "sigma_q", "snr_before_db", "snr_after_db",

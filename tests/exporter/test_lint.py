@@ -10,12 +10,12 @@ from tests.conftest import run_cli
 
 def _graph(*, zp=0, act_scale=(0.1,), w_axis=0, w_int4=False, act_int4=False, computed_scale=False,
            shared_dq=False, qdq_before_add=False, matmul_int4_block=None, opset=21, neg_scale=False,
-           fp32=False):
+           fp32=False, act_fp8=False, w_fp8=False):
     """x -> Q/DQ -> Conv(DQ(W)) -> y, plus a MatMul branch, with one rule broken at a time; FP16
     throughout (what the exporter gives TensorRT), or FP32 with fp32=True."""
     inits, nodes = [], []
     ftype, fdtype = (TensorProto.FLOAT, np.float32) if fp32 else (TensorProto.FLOAT16, np.float16)
-    a_type = TensorProto.INT4 if act_int4 else TensorProto.INT8
+    a_type = TensorProto.INT4 if act_int4 else TensorProto.FLOAT8E4M3FN if act_fp8 else TensorProto.INT8
     scale = np.array(act_scale, dtype=fdtype).reshape(() if len(act_scale) == 1 else (-1,))
     if neg_scale:
         scale = -scale
@@ -27,7 +27,7 @@ def _graph(*, zp=0, act_scale=(0.1,), w_axis=0, w_int4=False, act_int4=False, co
         scale_name = "a_scale2"
     nodes += [helper.make_node("QuantizeLinear", ["x", scale_name, "a_zp"], ["xq"], name="act_q"),
               helper.make_node("DequantizeLinear", ["xq", scale_name, "a_zp"], ["xdq"], name="act_dq")]
-    w_type = TensorProto.INT4 if w_int4 else TensorProto.INT8
+    w_type = TensorProto.INT4 if w_int4 else TensorProto.FLOAT8E4M3FN if w_fp8 else TensorProto.INT8
     inits.append(helper.make_tensor("w", w_type, (4, 3, 3, 3), [1] * 108))
     inits.append(numpy_helper.from_array(np.full(4 if w_axis == 0 else 3, 0.01, fdtype), "w_scale"))
     inits.append(helper.make_tensor("w_zp", w_type, (4 if w_axis == 0 else 3,), [0] * (4 if w_axis == 0 else 3)))
@@ -70,6 +70,17 @@ def test_a_clean_graph_passes_and_runs():
     sess.run(None, {"x": np.ones((1, 3, 8, 8), np.float16), "t": np.ones((2, 128), np.float16)})
 
 
+def test_a_clean_fp8_graph_passes_and_runs():
+    import onnxruntime as ort
+
+    model = _graph(act_fp8=True, w_fp8=True)
+    assert _rules(model) == set()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(["y"], {"x": np.ones((1, 3, 8, 8), np.float16), "t": np.ones((2, 128), np.float16)})[0]
+    # the centre pixel: 27 inputs of 1.0 times weights of 0.01, all exact in E4M3 and FP16
+    assert abs(float(y[0, 0, 4, 4]) - 0.27) < 1e-3
+
+
 @pytest.mark.parametrize("kwargs, expected", [
     ({"zp": 3}, {("act_q", "zero-point"), ("act_dq", "zero-point")}),
     ({"computed_scale": True}, {("act_q", "scale-constant"), ("act_dq", "scale-constant")}),
@@ -82,6 +93,9 @@ def test_a_clean_graph_passes_and_runs():
     ({"w_int4": True}, {("w_dq", "int4-conv")}),
     ({"matmul_int4_block": 32}, {("m_dq", "int4-blocked")}),
     ({"opset": 13, "matmul_int4_block": 64}, {("m_dq", "opset")}),
+    ({"act_fp8": True}, {("w_dq", "fp8-int8-mix")}),
+    ({"w_fp8": True}, {("w_dq", "fp8-int8-mix")}),
+    ({"act_fp8": True, "w_fp8": True, "opset": 18}, {("act_q", "opset"), ("act_dq", "opset"), ("w_dq", "opset")}),
 ])
 def test_each_planted_violation_is_named(kwargs, expected):
     found = _rules(_graph(**kwargs))
