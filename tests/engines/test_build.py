@@ -230,10 +230,15 @@ def _run_build_script(out, tmp_path, polygraphy=True, **env):
     for name, text in tools.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    # the TensorRT container's Python module, as far as the script asks it (its version)
+    fake_py = tmp_path / "fake_python"
+    fake_py.mkdir(exist_ok=True)
+    (fake_py / "tensorrt.py").write_text('__version__ = "10.fake"\n')
     calls = tmp_path / "calls.log"
     calls.write_text("")
     result = subprocess.run(["bash", str(out / "engines" / "build_engines.sh")], capture_output=True, text=True,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls), **env})
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(calls),
+                                 "PYTHONPATH": str(fake_py), **env})
     return result, calls.read_text().splitlines()
 
 
