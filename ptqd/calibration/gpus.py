@@ -46,9 +46,11 @@ def gpu_spec(name: str) -> GPU:
     return gpu
 
 
-def require_format(gpu: GPU, fmt: str) -> None:
-    """UserError when the GPU has no tensor cores for `fmt` (A100: no FP8)."""
+def format_peak(gpu: GPU, fmt: str) -> float:
+    """Dense tensor-core peak (TFLOPS / TOPS) of `fmt` on `gpu`; UserError where it has none
+    (A100: no FP8)."""
     peak = {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt]
     if peak is None:
         raise UserError(f"the {gpu.label} ({gpu.name}) has no {fmt.upper()} tensor cores: "
                         f"leave {fmt} out of the configurations or pick another --target-gpu")
+    return peak

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 
 from ptqd.calibration.configs import is_kept
-from ptqd.calibration.gpus import DEFAULT_GPU, GPU, gpu_spec, require_format
+from ptqd.calibration.gpus import DEFAULT_GPU, GPU, format_peak, gpu_spec
 from ptqd.calibration.layers import FloatOps, LayerInfo
 from ptqd.errors import UserError
 
@@ -64,8 +64,7 @@ def layer_format(config: str, layer: str, keep: tuple[str, ...]) -> str:
 
 def tensor_rate(gpu: GPU, fmt: str) -> float:
     """Dense tensor-core operations per second (one MAC = 2 operations)."""
-    require_format(gpu, fmt)
-    return {"fp16": gpu.fp16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[fmt] * 1e12
+    return format_peak(gpu, fmt) * 1e12
 
 
 def layer_seconds(layer: LayerInfo, fmt: str, batch: int, gpu: GPU) -> float:

@@ -16,7 +16,7 @@ from ptqd.calibration.configs import (DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAU
 from ptqd.calibration.data import CHUNK, CalibrationData, collect, probe_predictions, probes
 from ptqd.calibration.fakequant import fake_quant_unet
 from ptqd.calibration.gptq import BLOCK, DAMP, reconstruct_weights
-from ptqd.calibration.gpus import DEFAULT_GPU, gpu_spec, require_format
+from ptqd.calibration.gpus import DEFAULT_GPU, format_peak, gpu_spec
 from ptqd.calibration.latency import estimate_step_latency, same_cost
 from ptqd.calibration.layers import measure_float_ops, measure_layers
 from ptqd.calibration.mixed_precision import Policy, choose_schedule, config_bops, fp32_bops
@@ -80,9 +80,9 @@ class CalibrationRequest:
             raise UserError(f"--weight-rounding {self.weight_rounding!r}: expected {' or '.join(WEIGHT_ROUNDINGS)}")
         # every configuration parsed and priceable on the target before minutes of calibration
         configs = candidate_configs(base, list(self.extra_configs))
+        gpu = gpu_spec(self.target_gpu)
         if any(c.fmt == "fp8" for c in configs):
-            require_format(gpu_spec(self.target_gpu), "fp8")
-        gpu_spec(self.target_gpu)
+            format_peak(gpu, "fp8")
         return base, policy
 
 
