@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ptqd.errors import UserError
-from ptqd.calibration.configs import DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
+from ptqd.calibration.configs import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
 from ptqd.calibration.gpus import DEFAULT_GPU, GPUS
 from ptqd.model import DEFAULT_MODEL
 
@@ -43,6 +43,13 @@ def _seed_option(f):
     # seeds travel as INT64 (Triton requests, numpy generators): bounded to what fits
     return click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                         help="Seed; sample i of seed S is the same whatever backend or precision.")(f)
+
+
+def _device_option(f):
+    return click.option("--device", default="auto", show_default=True,
+                        help="Where torch runs (FP trajectories, activation statistics, scale searches, GPTQ, "
+                             "PTQD statistics, torch sampling): auto (CUDA when torch sees a GPU), cpu, cuda "
+                             "or cuda:N. ONNX export always traces on the CPU.")(f)
 
 
 def _condition_options(f):
@@ -98,16 +105,18 @@ def cli(debug: bool) -> None:
 @click.option("--output", "npy", type=click.Path(path_type=Path), help="Write images as .npy (float32 NCHW in [0, 1]).")
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
 @_condition_options
+@_device_option
 @_force_option
 def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, cuda_graph,
-           npy, grid, prompts, classes, force):
+           npy, grid, prompts, classes, device, force):
     """Sample images: the full-precision --model, or (with OUT) an exported output."""
     from ptqd.sample import SampleRequest, run_sample
 
     run_sample(SampleRequest(out=out, model=model, num=num, seed=seed, steps=steps, eta=eta,
                              batch_size=batch_size, backend=backend, npy=npy, grid=grid,
                              force=force, precision=precision.lower(), correction=not no_correction,
-                             graph=graph, conditions=_conditions(prompts, classes), cuda_graph=cuda_graph))
+                             graph=graph, conditions=_conditions(prompts, classes), cuda_graph=cuda_graph,
+                             device=device))
 
 
 def _calibration_options(f):
@@ -121,12 +130,19 @@ def _calibration_options(f):
                      help="The base configuration's number format: int (--bits/--act-bits integer grids) or "
                           "fp8 (E4M3 weights and activations; --bits/--act-bits must stay 8 or unset; TensorRT "
                           "runs FP8 on Ada and Hopper GPUs). Extra configurations: --configs (fp8, fp16, w8a8)."),
+        _device_option,
+        click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+                     help="Measure the per-layer sensitivity map (calibration/sensitivity.json): one UNet call "
+                          "per quantized layer on 32 recorded inputs."),
         click.option("--weight-rounding", type=click.Choice(["nearest", "gptq"]), default=None,
                      help="How weights meet their grid: nearest, or GPTQ reconstruction on the calibration "
                           "inputs [default: gptq below 8 weight bits, else nearest]."),
         _steps_option, _eta_option, _seed_option,
         click.option("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, show_default=True,
                      help="Full-precision trajectories recorded for calibration."),
+        click.option("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, show_default=True,
+                     help="Samples per UNet call in calibration (trajectories, statistics, probes); lower it "
+                          "when a large model runs out of memory."),
         click.option("--mixed-precision", default=DEFAULT_POLICY, show_default=True,
                      help="off, snr:<dB> (cheapest config reaching it), budget:<ratio> "
                           "(least noise within ratio x the base config's BOPs), or latency:<ratio> (least "
@@ -173,7 +189,7 @@ def _calibration_request(kw: dict) -> "CalibrationRequest":
         mixed_precision=kw["mixed_precision"], correction=kw["correction"],
         extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]),
         guidance_scale=kw["guidance_scale"], conditions=conditions, weight_rounding=kw["weight_rounding"],
-        target_gpu=kw["target_gpu"])
+        target_gpu=kw["target_gpu"], sensitivity=kw["sensitivity"], calib_batch=kw["calib_batch"])
 
 
 @cli.command()
@@ -184,7 +200,7 @@ def calibrate(out, force, **kw):
     """Calibrate: quantization parameters, PTQD statistics and the precision schedule."""
     from ptqd.pipeline import run_calibrate
 
-    run_calibrate(_calibration_request(kw), out, force)
+    run_calibrate(_calibration_request(kw), out, force, kw["device"])
 
 
 @cli.command("export")
@@ -362,7 +378,7 @@ def export_trt(out, force, debug, backend, batch, no_report, report_samples, **k
         os.environ["PTQD_DEBUG"] = "1"
     run_export(ExportRequest(calibration=_calibration_request(kw), out=out, force=force,
                              backend=backend, batch=batch, report=not no_report,
-                             report_samples=report_samples))
+                             report_samples=report_samples, device=kw["device"]))
 
 
 def _run(command: click.Command, argv: list[str] | None) -> None:

@@ -126,16 +126,19 @@ class TorchTokenizer:
 class TorchModule:
     """A torch module as a numpy callable (text encoder: last hidden state; VAE: decode)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, device=None):
+        self.fn, self.device = fn, device
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.fn(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return self.fn(x if self.device is None else x.to(self.device)).float().cpu().numpy()
 
 
 def text_encoder_fn(text_encoder):
-    return TorchModule(lambda ids: text_encoder(ids)[0])
+    from ptqd.devices import module_device
+
+    return TorchModule(lambda ids: text_encoder(ids)[0], module_device(text_encoder))
 
 
 def vae_decoder_fn(vae):

@@ -232,12 +232,22 @@ class LoadedModel:
     tokenizer: object = None      # text-conditioned models
     text_encoder: object = None
 
+    def to(self, device) -> "LoadedModel":
+        """The UNet and text encoder moved to `device` (a torch.device), in place."""
+        self.unet.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        return self
 
-def load_model(spec: str, steps: int) -> LoadedModel:
-    """Resolve, check and load --model; `steps` is checked against its training timesteps."""
+
+def load_model(spec: str, steps: int, device=None) -> LoadedModel:
+    """Resolve, check and load --model; `steps` is checked against its training timesteps.
+    The UNet and text encoder go to `device` (a torch.device; None: the CPU), where everything
+    torch does with them runs; the VAE decoder stays on the CPU, where the images are made."""
     source = resolve_model(spec)
     sched_cfg = load_scheduler_config(source)
     train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if steps > train_steps:
         raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
-    return LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))
+    model = LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))
+    return model.to(device) if device is not None else model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ptqd.calibration.configs import DEFAULT_CALIB_BATCH
 from ptqd.calibration.stage import CalibrationRequest
 from ptqd.errors import UserError
 from ptqd.model import LoadedModel, load_model
@@ -30,6 +31,7 @@ class ExportRequest:
     batch: str = "1,4,8"
     report: bool = True
     report_samples: int = 128
+    device: str = "auto"   # where torch runs (devices.resolve_device); not part of any digest
 
 
 def engine_settings(backend: str, batch: str):
@@ -55,8 +57,12 @@ def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -
 
 def stage_export(calibration_dir: Path, root: Path, model: LoadedModel) -> None:
     """root/onnx and root/scheduler from a calibration folder."""
+    import torch
+
     from ptqd.exporter.stage import export_graphs, export_scheduler
 
+    # graphs are traced on the CPU, whatever --device calibrated: the ONNX files are the same
+    model.to(torch.device("cpu"))
     export_graphs(model, calibration_dir, root / ONNX_DIR)
     export_scheduler(model, calibration_dir, root / SCHEDULER_DIR)
 
@@ -120,7 +126,8 @@ def stage_inputs(stage: str, root: Path, req: ExportRequest, model_sha256: str) 
         # (unconditional models) keep their digest
         request = {k: v for k, v in _config_dict(req.calibration).items()
                    if not (k in ("guidance_scale", "conditions") and v in (None, []))
-                   and not (k == "format" and v == "int")}
+                   and not (k == "format" and v == "int") and not (k == "sensitivity" and v)
+                   and not (k == "calib_batch" and v == DEFAULT_CALIB_BATCH)}
         parts.update(model=model_sha256, request=request)
     elif stage == "export":
         parts.update(calibration=tree_digest(root, (CALIBRATION_DIR,)))
@@ -154,7 +161,10 @@ def run_export(req: ExportRequest) -> Path:
     from ptqd.model import resolve_model
     from ptqd.resume import StageLedger
 
+    from ptqd.devices import resolve_device
+
     req.calibration.validate()
+    device = resolve_device(req.device)
     settings = engine_settings(req.backend, req.batch)
     ledger = StageLedger(req.out if (req.out / MANIFEST).is_file() else None)
     if ledger.old:
@@ -167,8 +177,8 @@ def run_export(req: ExportRequest) -> Path:
                             "pass --force to replace it")
     else:
         check_output_dir(req.out, req.force)
-    model = load_model(req.calibration.model, req.calibration.steps)
-    click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]})")
+    model = load_model(req.calibration.model, req.calibration.steps, device)
+    click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]}), torch on {device}")
     run_stage = {
         "calibrate": lambda root: stage_calibrate(root / CALIBRATION_DIR, req.calibration, model),
         "export": lambda root: stage_export(root / CALIBRATION_DIR, root, model),
@@ -205,9 +215,13 @@ def _previous_engines(ledger) -> str:
     return next((s.removeprefix("engines-") for s in stages if s.startswith("engines-")), "onnxruntime")
 
 
-def run_calibrate(req: CalibrationRequest, out: Path, force: bool) -> Path:
-    """`ptqd calibrate`: OUT/calibration alone, replacing an old one only with --force."""
+def run_calibrate(req: CalibrationRequest, out: Path, force: bool, device: str = "auto") -> Path:
+    """`ptqd calibrate`: OUT/calibration alone, replacing an old one only with --force; torch
+    runs on `device` (--device)."""
+    from ptqd.devices import resolve_device
+
     req.validate()
+    torch_device = resolve_device(device)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; give a directory path")
     target = out / CALIBRATION_DIR
@@ -215,7 +229,7 @@ def run_calibrate(req: CalibrationRequest, out: Path, force: bool) -> Path:
         raise UserError(f"{target} exists; pass --force to recalibrate")
     if not out.absolute().parent.exists():
         raise UserError(f"cannot create output {out}: {out.absolute().parent} does not exist")
-    model = load_model(req.model, req.steps)
+    model = load_model(req.model, req.steps, torch_device)
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:

@@ -39,11 +39,24 @@ class SampleRequest:
     graph: str = "fast"   # onnxruntime: the CPU-fast graph, or the exact twin of fake-quant
     conditions: tuple = ()  # conditional models: prompts or class labels (image j uses item j % len)
     cuda_graph: bool = False  # tensorrt: capture each engine's work per input shape, then replay it
+    device: str = "auto"      # --backend torch: where torch runs (devices.resolve_device)
+
+
+def _torch_device(req: SampleRequest):
+    """The torch device of --backend torch (other backends load the model on the CPU only for
+    what runs around their engines)."""
+    import torch
+
+    from ptqd.devices import resolve_device
+
+    return resolve_device(req.device) if req.backend == "torch" else torch.device("cpu")
 
 
 def run_sample(req: SampleRequest) -> np.ndarray:
     if req.npy is None and req.grid is None:
         raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
+    if req.backend == "torch":
+        _torch_device(req)   # a device torch cannot use: refused before anything is loaded
     if req.cuda_graph and req.backend != "tensorrt":
         raise UserError(f"--cuda-graph applies to --backend tensorrt, not {req.backend}")
     for target in (req.npy, req.grid):
@@ -69,7 +82,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
 
     steps = req.steps or DEFAULT_STEPS
     eta = req.eta or 0.0
-    model = load_model(req.model or DEFAULT_MODEL, steps)
+    model = load_model(req.model or DEFAULT_MODEL, steps, _torch_device(req))
     spec = pipeline_spec(model, None, ())
     if not spec.conditional and req.conditions:
         raise UserError(f"model {model.source.spec!r} is unconditional: --prompt and --class do not apply")
@@ -152,7 +165,7 @@ def _sample_output_torch(req, doc, configs, corrections):
     from ptqd.exporter.stage import calibrated_spec
     from ptqd.model import load_model
 
-    model = load_model(doc["model"], doc["num_inference_steps"])
+    model = load_model(doc["model"], doc["num_inference_steps"], _torch_device(req))
     if model.source.sha256 != doc["model_sha256"]:
         raise UserError(f"model {doc['model']!r} has changed since {req.out} was calibrated "
                         "(sha256 differs); recalibrate")

@@ -84,12 +84,17 @@ EXTRA_ENGINES = ("vae_decoder", "text_encoder")
 
 
 def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
+    """`copy` equals `original`; for a graph, its external-data file too (beside the copy, under
+    the name the graph records)."""
+    from ptqd.runtime.layout import graph_files
+
     rel = copy.relative_to(out).as_posix()
     if not copy.is_file():
         return [f"{rel}: missing"]
     if not original.is_file() or file_sha256(copy) != file_sha256(original):
         return [f"{rel}: differs from {original.relative_to(out).as_posix()} (redeploy: `ptqd deploy {out.name} --force`)"]
-    return []
+    companions = graph_files(original)[1:] if original.suffix == ".onnx" else []
+    return [p for c in companions for p in _same_file(out, copy.parent / c.name, c)]
 
 
 def check_triton(out: Path, scheduled: list[str]) -> list[str]:

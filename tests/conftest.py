@@ -8,11 +8,11 @@ import pytest
 from ptqd.model import BUILTIN_MODELS
 
 
-def run_cli(*args: str, entry: str = "ptqd", cwd: Path | None = None, timeout: int = 600):
+def run_cli(*args: str, entry: str = "ptqd", cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run an installed console script (ptqd, export-trt) as a user would, in a fresh process."""
     script = Path(sys.executable).parent / entry
     return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -78,7 +78,7 @@ def fp8_calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "out"
     result = run_cli("calibrate", "--format", "fp8", "--configs", "w4a8,w8a8,fp16", "--steps", "5",
                      "--calib-samples", "8", "--mixed-precision", "latency:1.2", "--target-gpu", "l40s",
-                     "--output", str(out))
+                     "--no-sensitivity", "--output", str(out))
     assert result.returncode == 0, result.stderr
     exported = run_cli("export", str(out))
     assert exported.returncode == 0, exported.stderr
@@ -118,13 +118,15 @@ def tiny_text_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_class_export(tmp_path_factory):
     """A tiny class-conditional latent model (UNet2DModel with class embeddings + VAE),
-    calibrated on classes 1, 2, 3 at guidance 3, 10 steps, no report."""
+    calibrated on classes 1, 2, 3 at guidance 3, 10 steps, no report, no sensitivity map (the
+    text export measures a guided one)."""
     from ptqd.builtin.tiny_pipelines import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny-class")
     model = build_tiny_pipeline("class", root / "tiny-ldm")
     out = root / "out"
     result = run_cli("--model", str(model), "--steps", "10", "--guidance-scale", str(GUIDANCE), "--classes", "1,2,3",
-                     "--calib-samples", "16", "--no-report", "--output", str(out), entry="export-trt")
+                     "--calib-samples", "16", "--no-report", "--no-sensitivity", "--output", str(out),
+                     entry="export-trt")
     assert result.returncode == 0, result.stderr
     return out

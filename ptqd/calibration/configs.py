@@ -20,6 +20,7 @@ FLOAT_CONFIG = "fp32"
 # the raw image and produce eps directly, and the time embedding feeds every block.
 DEFAULT_KEEP = ("conv_in", "conv_out", "time_embedding.*")
 DEFAULT_CALIB_SAMPLES = 128
+DEFAULT_CALIB_BATCH = 64   # samples per UNet call in calibration (--calib-batch)
 # Mixed precision by default: spend up to 25 % more BOPs than the base configuration on
 # the steps where its leftover noise is largest.
 DEFAULT_POLICY = "budget:1.25"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ptqd.calibration.configs import DEFAULT_CALIB_BATCH
 from ptqd.calibration.layers import quantizable_layers
 from ptqd.calibration.trajectory import TorchUNetEngine, chunk_engine, ddim_trajectory
 from ptqd.conditions import latent_shape
@@ -21,10 +22,14 @@ from ptqd.runtime.conditioning import Guided
 from ptqd.runtime.noise import SampleNoise
 
 CALIBRATION_INDEX_OFFSET = 1_000_000
+# activation values sampled per layer input and output: 2048 per UNet call, at most
+# VALUES_PER_LAYER over all trajectories (reached at the defaults, 50 steps x 2 chunks of 64)
 VALUES_PER_CALL = 2048
-# Samples per UNet call; calibration sample j is conditioned on conditions[j % len], and the
-# PTQD statistics re-run the same chunks, so both see the same conditioning.
-CHUNK = 64
+VALUES_PER_LAYER = 204_800
+# Samples per UNet call by default (--calib-batch): the trajectories run in chunks of it, the
+# PTQD statistics re-run the same chunks, and probes (GPTQ, sensitivity) batch that many
+# recorded inputs. Calibration sample j is conditioned on conditions[j % len] in any chunking.
+CHUNK = DEFAULT_CALIB_BATCH
 
 
 @dataclass
@@ -37,6 +42,7 @@ class CalibrationData:
     # layer outputs: only the CPU-fast ONNX Runtime graph quantizes them (to fuse QLinear ops)
     out_values: dict[str, torch.Tensor] = field(default_factory=dict)
     out_absmax: dict[str, float] = field(default_factory=dict)
+    batch: int = CHUNK                    # samples per UNet call (--calib-batch)
 
     @property
     def num_samples(self) -> int:
@@ -45,12 +51,20 @@ class CalibrationData:
 
 class ActivationObserver:
     """Hooks that keep the running |max| and a seeded random sample of each layer's input
-    (key "name") and output (key "name:out")."""
+    (key "name") and output (key "name:out").
 
-    def __init__(self, unet, layers: list[str], seed: int):
+    Memory is bounded: each key holds at most VALUES_PER_LAYER values however many steps and
+    samples the trajectories have; past that, `calls` (the number of UNet calls to come) share
+    them equally, so every step and every chunk stays represented. Values and maxima stay on
+    the UNet's device until `close`."""
+
+    def __init__(self, unet, layers: list[str], seed: int, calls: int):
         keys = [k for n in layers for k in (n, f"{n}:out")]
-        self.values: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        self.absmax: dict[str, float] = {k: 0.0 for k in keys}
+        self.per_call = min(VALUES_PER_CALL, -(-VALUES_PER_LAYER // max(1, calls)))
+        self.size = self.per_call * max(1, calls)
+        self.values: dict[str, torch.Tensor | None] = {k: None for k in keys}
+        self.filled: dict[str, int] = {k: 0 for k in keys}
+        self.absmax: dict[str, torch.Tensor | None] = {k: None for k in keys}
         self.gen = torch.Generator().manual_seed(seed)
         modules = quantizable_layers(unet)
         self.hooks = [modules[n].register_forward_pre_hook(self._hook(n)) for n in layers]
@@ -58,9 +72,17 @@ class ActivationObserver:
 
     def _record(self, key: str, x: torch.Tensor) -> None:
         x = x.detach().flatten()
-        self.absmax[key] = max(self.absmax[key], float(x.abs().max()))
-        idx = torch.randint(0, x.numel(), (min(VALUES_PER_CALL, x.numel()),), generator=self.gen)
-        self.values[key].append(x[idx].clone())
+        peak = x.abs().max()
+        self.absmax[key] = peak if self.absmax[key] is None else torch.maximum(self.absmax[key], peak)
+        if self.values[key] is None:
+            self.values[key] = torch.empty(self.size, dtype=torch.float32, device=x.device)
+        start = self.filled[key]
+        count = min(self.per_call, x.numel(), self.values[key].numel() - start)
+        if count <= 0:
+            return
+        idx = torch.randint(0, x.numel(), (count,), generator=self.gen).to(x.device)
+        self.values[key][start:start + count] = x[idx]
+        self.filled[key] = start + count
 
     def _hook(self, key):
         return lambda module, inputs: self._record(key, inputs[0])
@@ -71,7 +93,8 @@ class ActivationObserver:
     def close(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         for h in self.hooks:
             h.remove()
-        return {n: torch.cat(v) for n, v in self.values.items()}, self.absmax
+        values = {k: v[:self.filled[k]].cpu() for k, v in self.values.items() if v is not None}
+        return values, {k: float(m) for k, m in self.absmax.items() if m is not None}
 
 
 def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: int, seed: int,
@@ -87,7 +110,7 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
         xs[index].append(x.clone())
         eps[index].append(e.clone())
 
-    observer = ActivationObserver(unet, layers, seed)
+    observer = ActivationObserver(unet, layers, seed, calls=steps * -(-num_samples // batch_size))
     try:
         with tqdm(total=num_samples * steps, unit="img-step", desc="calibration trajectories",
                   disable=not progress or None, leave=False) as bar:
@@ -103,7 +126,7 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
     return CalibrationData(timesteps, torch.stack([torch.cat(v) for v in xs]),
                            torch.stack([torch.cat(e) for e in eps]),
                            inputs, {k: absmax[k] for k in inputs},
-                           outputs, {k: absmax[f"{k}:out"] for k in outputs})
+                           outputs, {k: absmax[f"{k}:out"] for k in outputs}, batch_size)
 
 
 @dataclass(frozen=True)
@@ -125,11 +148,6 @@ def probes(data: CalibrationData, total: int, max_steps: int | None = None) -> l
     return [Probe(i, (k * per) % (n - per + 1), per) for k, i in enumerate(chosen)]
 
 
-# recorded inputs per UNet call when probing (twice as many samples for a guided model): one
-# call per block of 8 costs the built-in model 2.2x as much as one call of 64
-PROBE_BATCH = 64
-
-
 def _probe_groups(blocks: list[Probe], limit: int) -> Iterator[list[Probe]]:
     group, size = [], 0
     for p in blocks:
@@ -143,12 +161,14 @@ def _probe_groups(blocks: list[Probe], limit: int) -> Iterator[list[Probe]]:
 
 
 @torch.no_grad()
-def probe_predictions(unet, data: CalibrationData, blocks: list[Probe], conditioner=None,
-                      batch: int = PROBE_BATCH) -> Iterator[tuple[Probe, np.ndarray]]:
+def probe_predictions(unet, data: CalibrationData, blocks: list[Probe],
+                      conditioner=None) -> Iterator[tuple[Probe, np.ndarray]]:
     """The model's (guided) eps on each probe's recorded x_t. Blocks of different steps share
-    a UNet call (each sample keeps its own timestep and conditions), up to `batch` inputs."""
+    a UNet call (each sample keeps its own timestep and conditions), up to data.batch inputs
+    (twice as many samples for a guided model): one call per block of 8 costs the built-in
+    model 2.2x as much as one call of 64."""
     engine = TorchUNetEngine(unet)
-    for group in _probe_groups(blocks, batch):
+    for group in _probe_groups(blocks, data.batch):
         x = np.concatenate([data.x[p.step, p.start:p.start + p.count].numpy() for p in group])
         t = np.concatenate([np.full((p.count,), float(data.timesteps[p.step]), dtype=np.float32)
                             for p in group])

@@ -59,7 +59,7 @@ class HessianAccumulator:
     def __init__(self, module: nn.Module, act_scale: torch.Tensor, act_grid: Grid):
         d = hessian_columns(module)
         self.module, self.act_scale, self.act_grid = module, act_scale, act_grid
-        self.h = torch.zeros(d, d, dtype=torch.float32)
+        self.h = torch.zeros(d, d, dtype=torch.float32, device=module.weight.device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -116,7 +116,7 @@ def gptq_integers(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     s = scale.to(torch.float32).reshape(-1)
     q = torch.zeros_like(w)

@@ -44,9 +44,12 @@ def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, QUANTIZABLE)}
 
 
-def _one_sample(sample_shape: tuple[int, ...], conditioning: dict | None) -> tuple[tuple, dict]:
-    extra = {k: torch.from_numpy(v[:1]) for k, v in (conditioning or {}).items()}
-    return (torch.zeros(1, *sample_shape), torch.tensor([500.0])), extra
+def _one_sample(unet: nn.Module, sample_shape: tuple[int, ...], conditioning: dict | None) -> tuple[tuple, dict]:
+    from ptqd.devices import module_device
+
+    device = module_device(unet)
+    extra = {k: torch.from_numpy(v[:1]).to(device) for k, v in (conditioning or {}).items()}
+    return (torch.zeros(1, *sample_shape, device=device), torch.tensor([500.0], device=device)), extra
 
 
 @torch.no_grad()
@@ -67,7 +70,7 @@ def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
                 kind, macs = "linear", y_elems * mod.in_features
             infos[name] = LayerInfo(name, kind, int(macs), mod.weight.numel(), int(x_elems), int(y_elems))
         hooks.append(module.register_forward_hook(hook))
-    args, kwargs = _one_sample(sample_shape, conditioning)
+    args, kwargs = _one_sample(unet, sample_shape, conditioning)
     try:
         unet(*args, **kwargs)
     finally:
@@ -159,7 +162,7 @@ def measure_float_ops(unet: nn.Module, sample_shape: tuple[int, ...],
         hooks += [module.register_forward_pre_hook(enter, with_kwargs=True),
                   module.register_forward_hook(leave)]
     mode = _Traffic(stack)
-    args, kwargs = _one_sample(sample_shape, conditioning)   # made outside the count: not the model's work
+    args, kwargs = _one_sample(unet, sample_shape, conditioning)   # made outside the count: not the model's work
     try:
         with mode:
             unet(*args, **kwargs)

@@ -29,6 +29,11 @@ class LayerQuant:
     # float8_e4m3fn for FP8); None: nearest rounding
     weight_int: torch.Tensor | None = None
 
+    def to(self, device) -> "LayerQuant":
+        move = lambda t: None if t is None else t.to(device)
+        return LayerQuant(move(self.weight_scale), move(self.act_scale), move(self.output_scale),
+                          move(self.weight_int))
+
     def weight_integers(self, weight: torch.Tensor, grid: Grid) -> torch.Tensor:
         """The integers every graph flavour and the fake-quant model use (float grid values,
         [out, ...] like the torch weight)."""
@@ -77,6 +82,7 @@ def save_params(folder: Path, quants: list[ConfigQuant], keep: tuple[str, ...]) 
     for q in quants:
         name = q.config.name
         for layer, lq in q.layers.items():
+            lq = lq.to("cpu")   # calibrated on --device; saved for every stage after it
             tensors[f"{name}/{layer}/weight_scale"] = lq.weight_scale.contiguous()
             tensors[f"{name}/{layer}/act_scale"] = lq.act_scale.contiguous()
             if lq.output_scale is not None:

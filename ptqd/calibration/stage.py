@@ -56,6 +56,8 @@ class CalibrationRequest:
     weight_rounding: str | None = None   # None: gptq below 8 weight bits, else nearest
     target_gpu: str = DEFAULT_GPU        # whose datasheet peaks price the latency estimates
     format: str = "int"                  # the base configuration's: int (bits, act_bits) or fp8
+    sensitivity: bool = True             # measure the per-layer sensitivity map
+    calib_batch: int = CHUNK             # samples per UNet call (trajectories, statistics, probes)
 
     @property
     def base(self) -> BitConfig:
@@ -74,6 +76,8 @@ class CalibrationRequest:
         policy = Policy.parse(self.mixed_precision)
         if self.calib_samples < 8:
             raise UserError(f"--calib-samples {self.calib_samples} is too few (at least 8)")
+        if self.calib_batch < 1:
+            raise UserError(f"--calib-batch {self.calib_batch}: at least 1 sample per UNet call")
         if self.correction not in ("auto", *CORRECTIONS):
             raise UserError(f"--correction {self.correction!r}: expected auto or {', '.join(CORRECTIONS)}")
         if self.weight_rounding not in (None, *WEIGHT_ROUNDINGS):
@@ -89,18 +93,24 @@ class CalibrationRequest:
 def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar,
                   conditioner=None) -> list[StepStats]:
     """Per step, the fake-quant model's (guided) eps on the recorded x_t against the recorded
-    full-precision (guided) eps, in the chunks and conditions the trajectories were drawn with."""
-    qmodel = fake_quant_unet(unet, quant)
-    n = data.num_samples
-    engines = [chunk_engine(qmodel, conditioner, start, min(CHUNK, n - start)) for start in range(0, n, CHUNK)]
+    full-precision (guided) eps, in the chunks and conditions the trajectories were drawn with.
+    The float configuration (fp16: no quantized layer) is the FP32 model itself, its noise zero
+    without running it."""
+    qmodel = fake_quant_unet(unet, quant) if quant.layers else None
+    n, chunk = data.num_samples, data.batch
+    engines = ([chunk_engine(qmodel, conditioner, start, min(chunk, n - start)) for start in range(0, n, chunk)]
+               if qmodel is not None else [])
     out = []
     with torch.no_grad():
         for i, t in enumerate(data.timesteps):
             x = data.x[i].numpy()
             tt = np.full((n,), float(t), dtype=np.float32)
-            eps_q = torch.from_numpy(np.concatenate([e(x[s:s + CHUNK], tt[s:s + CHUNK])
-                                                     for e, s in zip(engines, range(0, n, CHUNK))]))
-            delta = eps_q - data.eps[i]
+            if qmodel is None:
+                delta = torch.zeros_like(data.eps[i])
+            else:
+                eps_q = torch.from_numpy(np.concatenate([e(x[s:s + chunk], tt[s:s + chunk])
+                                                         for e, s in zip(engines, range(0, n, chunk))]))
+                delta = eps_q - data.eps[i]
             out.append(step_stats(data.eps[i][:n_fit], delta[:n_fit], data.eps[i][n_fit:],
                                   delta[n_fit:], mode))
             bar.update(1)
@@ -130,7 +140,7 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
                                     [c.name for c in configs], req.keep, batch=latency_batch, gpu=req.target_gpu)
     quantized = [layer.name for layer in layers if not is_kept(layer.name, req.keep)]
     data = collect(unet, sched_cfg, req.steps, req.eta, req.calib_samples, req.seed, quantized,
-                   conditioner=conditioner)
+                   batch_size=req.calib_batch, conditioner=conditioner)
     searched: dict = {}
     quants = [calibrate_config(unet, cfg, data, req.keep, searched) for cfg in configs]
     reconstruction = _reconstruct(unet, quants, data, req.rounding, conditioner)
@@ -145,7 +155,8 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     noise = {name: _step_noise(s, timeline, req.eta) for name, s in stats.items()}
     snr = {name: [st.snr_db for st in s] for name, s in stats.items()}
     schedule = choose_schedule(policy, base.name, snr, noise, bops, latency)
-    sensitivity = _sensitivity(unet, quants[configs.index(base)], data, layers, conditioner)
+    sensitivity = (_sensitivity(unet, quants[configs.index(base)], data, layers, conditioner)
+                   if req.sensitivity else None)
     doc = _document(req, source, base, policy, configs, quants, layers, timeline, stats, bops,
                     schedule, time.perf_counter() - start)
     doc["conditioning"] = {"kind": spec.kind, "guidance_scale": spec.guidance_scale,
@@ -154,10 +165,12 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     doc["latency"] = _latency_doc(latency, schedule, req.target_gpu, latency_batch)
     folder.mkdir(parents=True, exist_ok=True)
     save_params(folder, quants, req.keep)
-    write_sensitivity(folder, sensitivity)
+    if sensitivity is not None:
+        write_sensitivity(folder, sensitivity)
     write_ptqd_json(folder, doc)
     print_summary(doc)
-    print_sensitivity(sensitivity)
+    if sensitivity is not None:
+        print_sensitivity(sensitivity)
     return doc
 
 

@@ -40,14 +40,18 @@ class TorchUNetEngine:
     """A torch UNet as a numpy engine for the shared sampler loop."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
+        from ptqd.devices import module_device
+
+        self.unet, self.device = unet, module_device(unet)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     @torch.no_grad()
     def __call__(self, sample, timestep, **conditioning):
-        extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in conditioning.items()}
-        out = self.unet(torch.from_numpy(np.ascontiguousarray(sample)),
-                        torch.from_numpy(np.ascontiguousarray(timestep)), **extra).sample
-        return out.numpy()
+        extra = {k: self._tensor(v) for k, v in conditioning.items()}
+        out = self.unet(self._tensor(sample), self._tensor(timestep), **extra).sample
+        return out.cpu().numpy()
 
 
 def chunk_engine(unet, conditioner, start: int, count: int):

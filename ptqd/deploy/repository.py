@@ -24,8 +24,8 @@ import click
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
 from ptqd.runtime.conditioning import PipelineSpec
-from ptqd.runtime.layout import (SCHEDULE_FILE, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path,
-                                       text_encoder_io, unet_io, vae_decoder_io)
+from ptqd.runtime.layout import (SCHEDULE_FILE, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_files,
+                                 graph_path, text_encoder_io, unet_io, vae_decoder_io)
 from ptqd.runtime.schedule import FoldedSchedule
 from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
@@ -49,11 +49,15 @@ def unet_model_name(cfg: str) -> str:
 
 
 def _copy(src: Path, dst: Path) -> None:
+    """src to dst; a graph's external-data file goes beside dst under its own name, the name
+    recorded inside the graph (layout.external_data_path)."""
     if not src.is_file():
         raise UserError(f"{src} is missing: run `ptqd export` / `ptqd build` on the output again "
                         "(`ptqd verify` lists what else is wrong)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     link_or_copy(src, dst)
+    for companion in graph_files(src)[1:] if src.suffix == ".onnx" else []:
+        link_or_copy(companion, dst.parent / companion.name)
 
 
 def _copy_runtime(version_dir: Path, model_file: str) -> None:

@@ -16,7 +16,7 @@ import onnx
 from ptqd.engines.jobs import EngineJob
 from ptqd.engines.release import TENSORRT_IMAGE
 from ptqd.engines.tensorrt import BuildSettings
-from ptqd.runtime.layout import TIMING_FILE, graph_path
+from ptqd.runtime.layout import TIMING_FILE, graph_files, graph_path
 
 SCRIPT_NAME = "build_engines.sh"
 TIMING_CACHE = "engines/timing.cache"
@@ -154,6 +154,11 @@ GPU_NAME=${GPU_NAME:-unknown}
 GPU_CC=${GPU_CC:-unknown}
 FAILED=()
 
+require() {  # files a graph reads beside it: the weights of a graph past protobuf's 2 GiB
+  for f in "$@"; do
+    [ -f "$f" ] || { echo "$f is missing: its graph keeps its weights there; copy the whole output directory" >&2; exit 1; }
+  done
+}
 write_metadata() {  # name config source-onnx batch-profile optimization-level
   printf '{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {"name": "%s", "compute_capability": "%s"}, "source_onnx": "%s", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}\n' \
     "$2" "$TRT_VERSION" "$GPU_NAME" "$GPU_CC" "$3" "$(sha256sum "onnx/$3" | cut -d' ' -f1)" "$4" "$5" \
@@ -234,6 +239,11 @@ def _call(function: str, args: list[str]) -> str:
 
 def build_script(jobs: list[EngineJob], settings: BuildSettings) -> str:
     lines = [_script_head()]
+    graphs = dict.fromkeys(g for job in jobs for g in (job.onnx, reference_graph(job)))
+    companions = [f"onnx/{f.name}" for g in graphs for f in graph_files(g)[1:]]
+    if companions:
+        lines.append("# external-data files of the graphs (exporter/graph_io.py)")
+        lines.append(_call("require", companions) + "\n")
     for job in jobs:
         lines.append(f"# {job.note}")
         cmd = trtexec_command(job, settings)

@@ -87,7 +87,8 @@ def _sensitivity(m: dict) -> str:
     s = m.get("sensitivity")
     rounding = m.get("weight_rounding", {}).get("method", "nearest")
     if s is None:
-        return '<p class="note">Not recorded by this calibration (made before ptqd measured it).</p>'
+        return ('<p class="note">Not recorded by this calibration (made with <code>--no-sensitivity</code>, '
+                'or before ptqd measured it).</p>')
     rows = [[r["layer"], r["kind"], f"{r['mse']:.2e}", f"{r['macs_share'] * 100:.1f} %"] for r in s["top"]]
     return (f'<p class="note">{_e(s["config"])}, weights {_e(rounding)}: {_e(s["method"])} ({s["probes"]} '
             f'probes). All {s["layers_total"]} quantized layers together: {s["all_layers_mse"]:.2e}. The '

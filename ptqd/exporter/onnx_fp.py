@@ -43,15 +43,20 @@ def export_fp_onnx(unet: torch.nn.Module, path: Path, conditioning: dict | None 
     conditional UNet, and names the graph's extra inputs."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ptqd.exporter.graph_io import export_torch
+
     names = tuple(conditioning or {})
     dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *names, OUTPUT_NAME)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(UNetForExport(unet, names).eval(), example_inputs(unet, 2, conditioning), str(path),
-                          input_names=[*INPUT_NAMES, *names], output_names=[OUTPUT_NAME],
-                          opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
-                          do_constant_folding=True)
+
+    def export(file: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(UNetForExport(unet, names).eval(), example_inputs(unet, 2, conditioning), str(file),
+                              input_names=[*INPUT_NAMES, *names], output_names=[OUTPUT_NAME],
+                              opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
+                              do_constant_folding=True)
+
+    export_torch(export, path)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

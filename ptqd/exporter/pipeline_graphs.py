@@ -79,11 +79,16 @@ def export_vae_decoder(vae, path: Path, latent_shape: tuple[int, int, int], half
 def _export(module: torch.nn.Module, inputs: tuple, path: Path, input_name: str, output_name: str) -> None:
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ptqd.exporter.graph_io import export_torch
+
     dynamic = {input_name: {0: BATCH_AXIS}, output_name: {0: BATCH_AXIS}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
-        torch.onnx.export(module, inputs, str(path), input_names=[input_name], output_names=[output_name],
-                          opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
-                          do_constant_folding=True)
+
+    def export(file: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+            torch.onnx.export(module, inputs, str(file), input_names=[input_name], output_names=[output_name],
+                              opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
+                              do_constant_folding=True)
+
+    export_torch(export, path)
     onnx.checker.check_model(str(path), full_check=True)

@@ -15,13 +15,14 @@ from ptqd.calibration.params import load_params
 from ptqd.errors import UserError
 from ptqd.exporter.cleanup import fold_and_clean
 from ptqd.exporter.fp16 import convert_to_fp16, fp32_exceptions, tensorrt_exceptions
+from ptqd.exporter.graph_io import save_graph
 from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
 from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
 from ptqd.ddim import build_schedule
 from ptqd.runtime.layout import (FP16_GRAPH, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,
-                                 graph_path)
+                                 graph_files, graph_path)
 
 # flavour -> (storage, whose lint rules apply); file names in layout.GRAPH_FILES
 FLAVOURS = {
@@ -33,7 +34,7 @@ PLAN_FILE = "precision_plan.json"
 
 
 def _save_checked(model: onnx.ModelProto, path: Path, target: str) -> None:
-    onnx.save(model, str(path))
+    save_graph(model, path)
     onnx.checker.check_model(str(path), full_check=True)
     violations = lint_model(model, target)
     if violations:  # the exporter's own output breaking the rules is a bug, not a user error
@@ -106,7 +107,10 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     plan = precision_plan(layer_nodes(fp_model), params, fp_model, exceptions)
     (onnx_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
     for path in written:
-        click.echo(f"[export] {onnx_dir.name}/{path.name} ({path.stat().st_size / 1e6:.2f} MB)")
+        files = graph_files(path)
+        size = sum(f.stat().st_size for f in files) / 1e6
+        click.echo(f"[export] {onnx_dir.name}/{path.name} ({size:.2f} MB"
+                   + (f", weights in {files[1].name})" if len(files) > 1 else ")"))
     click.echo(f"[export] {len(written)} graphs checked and linted in {time.perf_counter() - t0:.1f} s")
     return written
 

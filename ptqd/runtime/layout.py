@@ -46,6 +46,18 @@ GRAPH_FILES = {
 }
 
 
+def external_data_path(graph: Path) -> Path:
+    """Where a graph too big for one protobuf message keeps its weights (exporter.graph_io):
+    beside it, under a name recorded inside the graph, so copies keep that name."""
+    return graph.with_name(graph.name + ".data")
+
+
+def graph_files(graph: Path) -> list[Path]:
+    """The graph file, then its external-data file if it has one."""
+    data = external_data_path(graph)
+    return [graph, data] if data.is_file() else [graph]
+
+
 def graph_path(onnx_dir: Path, cfg: str, flavour: str) -> Path:
     """The graph a configuration runs in a flavour. Two flavours share a file where one graph
     serves both: the float engine (fp16) is the FP32 graph in ONNX Runtime (FP32 CPU kernels;

@@ -14,7 +14,7 @@ STEPS = 10
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "out"
     result = run_cli("calibrate", "--steps", str(STEPS), "--calib-samples", "16", "--eta", "1",
-                     "--configs", "w4a4", "--output", str(out))
+                     "--configs", "w4a4", "--no-sensitivity", "--output", str(out))
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
@@ -81,7 +81,8 @@ def test_sample_refuses_what_the_output_does_not_hold(calibrated, tmp_path):
     (["--correction", "magic"], "--correction"), (["--target-gpu", "v100"], "--target-gpu"),
     (["--mixed-precision", "latency:0.5"], "latency ratio"), (["--weight-rounding", "round"], "--weight-rounding"),
     (["--format", "fp8", "--bits", "4"], "--format fp8"), (["--configs", "fp4"], "not a configuration"),
-    (["--configs", "fp8", "--target-gpu", "a100"], "no FP8 tensor cores"),
+    (["--configs", "fp8", "--target-gpu", "a100"], "no FP8 tensor cores"), (["--calib-batch", "0"], "--calib-batch"),
+    (["--device", "tpu"], "--device"),
 ])
 def test_bad_calibration_options(tmp_path, args, fragment):
     assert_user_error(run_cli("calibrate", *args, "--output", str(tmp_path / "o")), fragment)

@@ -44,7 +44,7 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(bits):
     nearest = quantize(weight, scale, grid, axis=0)
     gptq = gptq_integers(weight, h, scale, grid)
     assert gptq.min() >= grid.qmin and gptq.max() <= grid.qmax
-    assert torch.equal(gptq, grid.round(gptq))   # on the grid: integers, or E4M3 values
+    assert torch.equal(gptq, grid.round_(gptq.clone()))   # on the grid: integers, or E4M3 values
     assert (gptq != nearest).any()
     assert output_error(weight, gptq, scale, h) < 0.7 * output_error(weight, nearest, scale, h)
 

@@ -1,0 +1,66 @@
+"""Writing graphs of any size: protobuf cannot serialize a message past 2 GiB (an FP32 Stable
+Diffusion 1.5 UNet is ~3.4 GB), so a graph whose weights pass EXTERNAL_DATA_ABOVE keeps them
+in one external-data file beside it (`<graph>.data`, layout.external_data_path). onnx.load,
+onnx.checker (by path), ONNX Runtime, TensorRT's parser, trtexec and Polygraphy all find that
+file next to the graph by the relative name recorded inside it, so a copy must keep the name.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from ptqd.runtime.layout import external_data_path
+
+# initializer bytes past which a graph is written with external data: under protobuf's 2 GiB
+# with room for the graph's structure. PTQD_EXTERNAL_DATA_ABOVE overrides it (tests force
+# external data on small graphs with it).
+EXTERNAL_DATA_ABOVE = 1_800_000_000
+# tensors smaller than this stay inside the graph (scales, shapes: what lint and folding read)
+INLINE_BELOW = 1024
+
+
+def external_data_above() -> int:
+    value = os.environ.get("PTQD_EXTERNAL_DATA_ABOVE")
+    return EXTERNAL_DATA_ABOVE if value is None else int(value)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The initializers' payload (what decides whether the graph fits one protobuf message)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `model` to `path`, with its weights in `<path>.data` when they pass the threshold
+    (a stale data file from an earlier write is removed). `model` keeps its weights in memory."""
+    path = Path(path)
+    data = external_data_path(path)
+    data.unlink(missing_ok=True)
+    if weight_bytes(model) <= external_data_above():
+        onnx.save_model(model, str(path))
+        return path
+    # save_model moves the payload out of `model`; it is read back so callers keep using it
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=INLINE_BELOW, convert_attribute=False)
+    onnx.load_external_data_for_model(model, str(path.parent))
+    return path
+
+
+def export_torch(export: Callable[[Path], None], path: Path) -> onnx.ModelProto:
+    """Run a torch.onnx exporter (`export(file)`) into a scratch folder beside `path` (for a
+    graph past 2 GiB torch writes one file per tensor there), then write it with save_graph.
+    Returns the model, weights loaded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        raw = Path(scratch) / path.name
+        export(raw)
+        model = onnx.load(str(raw))
+    save_graph(model, path)
+    return model
