@@ -1,11 +1,15 @@
-"""How much the Fréchet distance of full-precision samples moves from one set of seeds to
-another: the noise floor against which a quantized model's FD difference is judged.
+"""How much the Fréchet distance moves from one set of seeds to another, for full precision
+and, paired on the same seeds, for a quantized schedule: the noise against which an FD
+difference between the two is judged.
 
-    .venv/bin/python benchmarks/fd_spread.py --graph ptqd-out/onnx/unet_fp32.onnx --num 256 --seeds 5 --etas 0,1
+    .venv/bin/python benchmarks/fd_spread.py OUT --precision w4a8 --num 256 --seeds 5
 
-For each eta, --seeds disjoint sample sets (seed 0, 1, ...; sample i of seed S, the same
-samples `ptqd sample --seed S` draws), --num samples each, 50 DDIM steps of the built-in model's
-FP32 graph in ONNX Runtime; FD to the real digits in the shipped classifier's features.
+OUT is an export of the built-in model (`export-trt --no-report` or `ptqd calibrate` + `ptqd
+export`). For --seeds disjoint sample sets (seed 0, 1, ...: the samples `ptqd sample --seed S`
+draws), --num samples each, at OUT's steps and eta: FP32 through unet_fp32.onnx and the
+--precision configuration at every step with the PTQD correction through its ONNX Runtime
+reference graph (the fake-quant model's twin, float kernels); FD to the real digits in the
+shipped classifier's features, and the paired difference.
 """
 from __future__ import annotations
 
@@ -15,36 +19,47 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
 from ptqd.ddim import build_schedule
 from ptqd.evaluation.metrics import DigitFeatures, frechet_distance, real_digit_features
 from ptqd.model import load_scheduler_config, resolve_model
+from ptqd.runtime.layout import CALIBRATION_DIR, ONNX_DIR, graph_path
 from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 from ptqd.runtime.sampler import Sampler
 
 
+def sampler(out: Path, precision: str) -> Sampler:
+    doc = load_ptqd_json(out / CALIBRATION_DIR)
+    configs, corrections = steps_and_corrections(doc, precision, correction=precision != "fp32")
+    schedule = build_schedule(load_scheduler_config(resolve_model(doc["model"])), doc["num_inference_steps"],
+                              doc["eta"], [1, 16, 16], configs, corrections)
+    flavour = "tensorrt" if precision == "fp32" else "onnxruntime"   # fp32: unet_fp32.onnx
+    engine = OnnxRuntimeUNet(graph_path(out / ONNX_DIR, precision, flavour), float_kernels=True)
+    return Sampler(schedule, {precision: engine}, batch_size=128)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--graph", type=Path, required=True)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--precision", default="w4a8")
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--etas", default="0,1")
     args = ap.parse_args()
-    source = resolve_model("digits")
-    features = DigitFeatures(source.extras_dir)
+    features = DigitFeatures(resolve_model("digits").extras_dir)
     real = real_digit_features(features)
-    engine = OnnxRuntimeUNet(args.graph, float_kernels=True)
-    for eta in (float(e) for e in args.etas.split(",")):
-        schedule = build_schedule(load_scheduler_config(source), args.steps, eta, [1, 16, 16], ["fp32"] * args.steps)
-        fds = []
-        for seed in range(args.seeds):
-            t0 = time.perf_counter()
-            images = Sampler(schedule, {"fp32": engine}, batch_size=128).generate(args.num, seed=seed)
-            fds.append(frechet_distance(features(images), real))
-            print(f"eta {eta:g} seed {seed}: FD {fds[-1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        f = np.array(fds)
-        print(f"eta {eta:g}: FD over {args.seeds} seed sets of {args.num}: mean {f.mean():.3f}, std {f.std(ddof=1):.3f}, "
-              f"range {f.min():.3f}..{f.max():.3f}", flush=True)
+    samplers = {p: sampler(args.out, p) for p in ("fp32", args.precision)}
+    fds = {p: [] for p in samplers}
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        for p, s in samplers.items():
+            fds[p].append(frechet_distance(features(s.generate(args.num, seed=seed)), real))
+        print(f"seed {seed}: FD fp32 {fds['fp32'][-1]:.3f}, {args.precision}+PTQD {fds[args.precision][-1]:.3f}, "
+              f"difference {fds[args.precision][-1] - fds['fp32'][-1]:+.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    fp, q = np.array(fds["fp32"]), np.array(fds[args.precision])
+    d = q - fp
+    print(f"over {args.seeds} seed sets of {args.num}: FD fp32 mean {fp.mean():.3f} std {fp.std(ddof=1):.3f}; "
+          f"difference mean {d.mean():+.3f} std {d.std(ddof=1):.3f}, range {d.min():+.3f}..{d.max():+.3f}")
 
 
 if __name__ == "__main__":
