@@ -141,8 +141,9 @@ def _calibration_options(f):
         click.option("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, show_default=True,
                      help="Full-precision trajectories recorded for calibration."),
         click.option("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, show_default=True,
-                     help="Samples per UNet call in calibration (trajectories, statistics, probes); lower it "
-                          "when a large model runs out of memory."),
+                     help="Samples per UNet call in calibration (trajectories, statistics, GPTQ and sensitivity "
+                          "probes; a guided model runs twice as many per call); lower it when a large model "
+                          "runs out of memory."),
         click.option("--mixed-precision", default=DEFAULT_POLICY, show_default=True,
                      help="off, snr:<dB> (cheapest config reaching it), budget:<ratio> "
                           "(least noise within ratio x the base config's BOPs), or latency:<ratio> (least "

@@ -22,7 +22,7 @@ def resolve_device(spec: str):
     if spec == "cpu":
         return torch.device("cpu")
     kind, _, index = spec.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if kind != "cuda" or (":" in spec and not index.isdigit()):
         raise UserError(f"--device {spec!r}: expected {DEVICES}")
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"

@@ -88,12 +88,22 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes, one after the other."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def graph_sha256(graph: Path) -> str:
+    """sha256 of a graph and, after it, its external-data file if it has one: what a plan was
+    built from (the build script hashes the same bytes with `cat | sha256sum`)."""
+    from ptqd.runtime.layout import graph_files
+
+    return file_sha256(*graph_files(graph))
 
 
 def tool_versions() -> dict:

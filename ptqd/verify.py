@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ptqd.errors import UserError
 from ptqd.runtime.layout import GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, TOKENIZER_DIR, graph_path
-from ptqd.output import MANIFEST, file_sha256, is_artifact
+from ptqd.output import MANIFEST, file_sha256, graph_sha256, is_artifact
 
 
 def check_artifacts(out: Path, manifest: dict) -> list[str]:
@@ -173,7 +173,7 @@ def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
             continue
         meta = json.loads(meta_path.read_text())
         onnx = out / "onnx" / meta.get("source_onnx", "")
-        if not onnx.is_file() or file_sha256(onnx) != meta.get("source_onnx_sha256"):
+        if not onnx.is_file() or graph_sha256(onnx) != meta.get("source_onnx_sha256"):
             problems.append(f"engines/{plan.name}: built from another onnx/{meta.get('source_onnx')}")
         try:
             import tensorrt

@@ -3,12 +3,14 @@ Forced on the built-in model's small graphs (PTQD_EXTERNAL_DATA_ABOVE=0), every 
 reads, copies, checks or builds a graph takes them: export, lint, the ONNX Runtime engines,
 the build script (with the stand-ins for trtexec and Polygraphy), the Triton repository in both
 of its graph modes, verify, and sampling."""
+import json
 import os
 
 import numpy as np
 import onnx
 
 from ptqd.deploy.repository import SAMPLER
+from ptqd.output import file_sha256, graph_sha256
 from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
 from tests.conftest import run_cli
 from tests.engines.test_build import _run_build_script
@@ -57,6 +59,10 @@ def test_graphs_forced_into_external_data_go_through_every_stage_fake_trtexec(ex
     script, calls = _run_build_script(out, tmp_path)
     assert script.returncode == 0, script.stderr
     assert any(c.startswith("trtexec --onnx=onnx/unet_w4a8.onnx") for c in calls)
+    # the plan records the graph and its weights: the bytes `ptqd verify` hashes to spot a stale plan
+    meta = json.loads((out / "engines" / "unet_w4a8.json").read_text())
+    assert meta["source_onnx_sha256"] == graph_sha256(out / "onnx" / "unet_w4a8.onnx")
+    assert meta["source_onnx_sha256"] != file_sha256(out / "onnx" / "unet_w4a8.onnx")
     (out / "onnx" / "unet_w4a8.onnx.data").unlink()
     script, _ = _run_build_script(out, tmp_path)
     assert script.returncode != 0

@@ -149,8 +149,11 @@ def probes(data: CalibrationData, total: int, max_steps: int | None = None) -> l
 
 
 def _probe_groups(blocks: list[Probe], limit: int) -> Iterator[list[Probe]]:
+    """Blocks packed into groups of at most `limit` inputs; a block larger than that is split
+    (into contiguous parts: one conditioner chunk each still)."""
+    parts = [Probe(p.step, p.start + k, min(limit, p.count - k)) for p in blocks for k in range(0, p.count, limit)]
     group, size = [], 0
-    for p in blocks:
+    for p in parts:
         if group and size + p.count > limit:
             yield group
             group, size = [], 0

@@ -161,7 +161,7 @@ require() {  # files a graph reads beside it: the weights of a graph past protob
 }
 write_metadata() {  # name config source-onnx batch-profile optimization-level
   printf '{"format_version": 1, "config": "%s", "tensorrt_version": "%s", "gpu": {"name": "%s", "compute_capability": "%s"}, "source_onnx": "%s", "source_onnx_sha256": "%s", "batch_profile": "%s", "builder_optimization_level": %s, "strongly_typed": true, "built_by": "build_engines.sh"}\n' \
-    "$2" "$TRT_VERSION" "$GPU_NAME" "$GPU_CC" "$3" "$(sha256sum "onnx/$3" | cut -d' ' -f1)" "$4" "$5" \
+    "$2" "$TRT_VERSION" "$GPU_NAME" "$GPU_CC" "$3" "$({ cat "onnx/$3"; [ ! -f "onnx/$3.data" ] || cat "onnx/$3.data"; } | sha256sum | cut -d' ' -f1)" "$4" "$5" \
     > "engines/$1.json"
 }
 

@@ -21,7 +21,7 @@ import numpy as np
 from ptqd.engines.profiles import BatchProfile
 from ptqd.engines.timing import timing_record, write_timing
 from ptqd.errors import UserError
-from ptqd.output import file_sha256
+from ptqd.output import graph_sha256
 
 MISSING = ("TensorRT is not installed here (its wheels come from NVIDIA's package index); "
            "build the engines in NVIDIA's TensorRT container with OUT/engines/build_engines.sh")
@@ -156,7 +156,7 @@ def engine_metadata(trt_version: str, onnx_path: Path, config: str, settings: Bu
     # An engine runs only with the TensorRT version and GPU architecture that built it.
     return {"format_version": 1, "config": config, "tensorrt_version": trt_version,
             "gpu": gpu_description(), "host": platform.node(), "source_onnx": onnx_path.name,
-            "source_onnx_sha256": file_sha256(onnx_path), "batch_profile": str(settings.profile),
+            "source_onnx_sha256": graph_sha256(onnx_path), "batch_profile": str(settings.profile),
             "profile_shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
             "builder_optimization_level": settings.optimization_level, "strongly_typed": True}
 

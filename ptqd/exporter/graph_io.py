@@ -45,9 +45,15 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     if weight_bytes(model) <= external_data_above():
         onnx.save_model(model, str(path))
         return path
-    # save_model moves the payload out of `model`; it is read back so callers keep using it
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=INLINE_BELOW, convert_attribute=False)
+    # tensors are marked here rather than by save_model(save_as_external_data=True), whose
+    # check for an existing data file looks in the working directory, not beside the graph;
+    # saving moves their payload out of `model`, so it is read back for the callers
+    from onnx.external_data_helper import set_external_data
+
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
+            set_external_data(tensor, data.name)
+    onnx.save_model(model, str(path))
     onnx.load_external_data_for_model(model, str(path.parent))
     return path
 
