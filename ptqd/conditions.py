@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ptqd.devices import module_device, to_device
 from ptqd.runtime.conditioning import TEXT_INPUT, Conditioner, PipelineSpec
 from ptqd.runtime.layout import CLASS_INPUT
 from ptqd.errors import UserError
@@ -126,18 +127,15 @@ class TorchTokenizer:
 class TorchModule:
     """A torch module as a numpy callable (text encoder: last hidden state; VAE: decode)."""
 
-    def __init__(self, fn, device=None):
+    def __init__(self, fn, device="cpu"):
         self.fn, self.device = fn, device
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(x))
-        return self.fn(x if self.device is None else x.to(self.device)).float().cpu().numpy()
+        return self.fn(to_device(x, self.device)).float().cpu().numpy()
 
 
 def text_encoder_fn(text_encoder):
-    from ptqd.devices import module_device
-
     return TorchModule(lambda ids: text_encoder(ids)[0], module_device(text_encoder))
 
 

@@ -7,6 +7,9 @@ statistics' arithmetic stay in float32 on the CPU side of the numpy interface, s
 """
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from ptqd.errors import UserError
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -14,8 +17,6 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 
 def resolve_device(spec: str):
     """`spec` as a torch.device; a CUDA device torch cannot use is a UserError."""
-    import torch
-
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,8 +36,11 @@ def resolve_device(spec: str):
 
 def module_device(module):
     """The device a module's parameters live on (CPU for a module without any)."""
-    import torch
-
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A numpy array as a torch tensor on `device` (the numpy side of every torch engine)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ptqd.errors import UserError
+from ptqd.runtime.layout import graph_files
 
 MANIFEST = "manifest.json"
 
@@ -101,8 +102,6 @@ def file_sha256(*paths: Path) -> str:
 def graph_sha256(graph: Path) -> str:
     """sha256 of a graph and, after it, its external-data file if it has one: what a plan was
     built from (the build script hashes the same bytes with `cat | sha256sum`)."""
-    from ptqd.runtime.layout import graph_files
-
     return file_sha256(*graph_files(graph))
 
 

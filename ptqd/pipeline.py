@@ -57,12 +57,10 @@ def stage_calibrate(folder: Path, req: CalibrationRequest, model: LoadedModel) -
 
 def stage_export(calibration_dir: Path, root: Path, model: LoadedModel) -> None:
     """root/onnx and root/scheduler from a calibration folder."""
-    import torch
-
     from ptqd.exporter.stage import export_graphs, export_scheduler
 
     # graphs are traced on the CPU, whatever --device calibrated: the ONNX files are the same
-    model.to(torch.device("cpu"))
+    model.to("cpu")
     export_graphs(model, calibration_dir, root / ONNX_DIR)
     export_scheduler(model, calibration_dir, root / SCHEDULER_DIR)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ptqd.errors import UserError
-from ptqd.runtime.layout import GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, TOKENIZER_DIR, graph_path
+from ptqd.runtime.layout import GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, TOKENIZER_DIR, graph_files, graph_path
 from ptqd.output import MANIFEST, file_sha256, graph_sha256, is_artifact
 
 
@@ -86,15 +86,12 @@ EXTRA_ENGINES = ("vae_decoder", "text_encoder")
 def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
     """`copy` equals `original`; for a graph, its external-data file too (beside the copy, under
     the name the graph records)."""
-    from ptqd.runtime.layout import graph_files
-
     rel = copy.relative_to(out).as_posix()
     if not copy.is_file():
         return [f"{rel}: missing"]
     if not original.is_file() or file_sha256(copy) != file_sha256(original):
         return [f"{rel}: differs from {original.relative_to(out).as_posix()} (redeploy: `ptqd deploy {out.name} --force`)"]
-    companions = graph_files(original)[1:] if original.suffix == ".onnx" else []
-    return [p for c in companions for p in _same_file(out, copy.parent / c.name, c)]
+    return [p for c in graph_files(original)[1:] for p in _same_file(out, copy.parent / c.name, c)]
 
 
 def check_triton(out: Path, scheduled: list[str]) -> list[str]:

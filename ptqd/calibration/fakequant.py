@@ -19,9 +19,8 @@ class FakeQuantLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.act_grid = config.act_grid
-        device = layer.weight.device   # parameters may come from the CPU (a saved calibration)
-        self.register_buffer("act_scale", lq.act_scale.to(device, torch.float32))
-        lq = lq.to(device)
+        lq = lq.to(layer.weight.device)   # parameters may come from the CPU (a saved calibration)
+        self.register_buffer("act_scale", lq.act_scale.to(torch.float32))
         integers = lq.weight_integers(layer.weight, config.weight_grid)
         self.register_buffer("weight_q", dequantize(integers, lq.weight_scale, axis=0))
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ptqd.devices import module_device, to_device
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 # arithmetic with a Python number (diffusers' `/ output_scale_factor`) becomes a constant in the
 # graph that TensorRT fuses into the kernel producing the tensor: it moves nothing of its own
@@ -45,10 +47,8 @@ def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 def _one_sample(unet: nn.Module, sample_shape: tuple[int, ...], conditioning: dict | None) -> tuple[tuple, dict]:
-    from ptqd.devices import module_device
-
     device = module_device(unet)
-    extra = {k: torch.from_numpy(v[:1]).to(device) for k, v in (conditioning or {}).items()}
+    extra = {k: to_device(v[:1], device) for k, v in (conditioning or {}).items()}
     return (torch.zeros(1, *sample_shape, device=device), torch.tensor([500.0], device=device)), extra
 
 

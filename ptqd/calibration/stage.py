@@ -105,12 +105,9 @@ def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar
         for i, t in enumerate(data.timesteps):
             x = data.x[i].numpy()
             tt = np.full((n,), float(t), dtype=np.float32)
-            if qmodel is None:
-                delta = torch.zeros_like(data.eps[i])
-            else:
-                eps_q = torch.from_numpy(np.concatenate([e(x[s:s + chunk], tt[s:s + chunk])
-                                                         for e, s in zip(engines, range(0, n, chunk))]))
-                delta = eps_q - data.eps[i]
+            eps_q = data.eps[i] if qmodel is None else torch.from_numpy(
+                np.concatenate([e(x[s:s + chunk], tt[s:s + chunk]) for e, s in zip(engines, range(0, n, chunk))]))
+            delta = eps_q - data.eps[i]
             out.append(step_stats(data.eps[i][:n_fit], delta[:n_fit], data.eps[i][n_fit:],
                                   delta[n_fit:], mode))
             bar.update(1)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ptqd.ddim import ddim_scheduler
+from ptqd.devices import module_device, to_device
 from ptqd.runtime.conditioning import decode_images
 from ptqd.runtime.noise import SampleNoise
 
@@ -40,17 +41,12 @@ class TorchUNetEngine:
     """A torch UNet as a numpy engine for the shared sampler loop."""
 
     def __init__(self, unet: torch.nn.Module):
-        from ptqd.devices import module_device
-
         self.unet, self.device = unet, module_device(unet)
-
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     @torch.no_grad()
     def __call__(self, sample, timestep, **conditioning):
-        extra = {k: self._tensor(v) for k, v in conditioning.items()}
-        out = self.unet(self._tensor(sample), self._tensor(timestep), **extra).sample
+        extra = {k: to_device(v, self.device) for k, v in conditioning.items()}
+        out = self.unet(to_device(sample, self.device), to_device(timestep, self.device), **extra).sample
         return out.cpu().numpy()
 
 

@@ -56,7 +56,7 @@ def _copy(src: Path, dst: Path) -> None:
                         "(`ptqd verify` lists what else is wrong)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     link_or_copy(src, dst)
-    for companion in graph_files(src)[1:] if src.suffix == ".onnx" else []:
+    for companion in graph_files(src)[1:]:
         link_or_copy(companion, dst.parent / companion.name)
 
 
