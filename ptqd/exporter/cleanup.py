@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from ptqd.exporter.graph_io import restore_weights, weightless
+
 # Each pass can expose new static shapes to the next (a folded Reshape target types the
 # tensors after it); two passes reach the fixed point on the UNets seen here, the cap is a guard.
 MAX_PASSES = 4
@@ -38,10 +40,14 @@ class NodeCounts:
 def _one_pass(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
-    graph.toposort()
-    graph.fold_constants(error_ok=False).cleanup().toposort()
-    folded = gs.export_onnx(graph)
+    # on the weightless view: shape inference serializes the model (a UNet past 2 GiB would
+    # not), and no foldable subgraph reads a weight (Q/DQ are never folded)
+    with weightless(model) as payload:
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
+        graph.toposort()
+        graph.fold_constants(error_ok=False).cleanup().toposort()
+        folded = gs.export_onnx(graph)
+    restore_weights(folded, payload)
     # shape inference's value_info is not part of the graph's contract; writers re-infer
     del folded.graph.value_info[:]
     return folded

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -70,3 +71,41 @@ def export_torch(export: Callable[[Path], None], path: Path) -> onnx.ModelProto:
         model = onnx.load(str(raw))
     save_graph(model, path)
     return model
+
+
+# where a weightless view says its payload is: no file of that name is ever written, so
+# anything that tries to read a stripped tensor fails loudly instead of reading zeros
+STRIPPED = "ptqd-weights-held-in-memory"
+
+
+@contextmanager
+def weightless(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
+    """`model` with its large initializers' payload taken out for the duration, yielding the
+    payloads by name: what shape inference and folding need (names, types, dims, the small
+    shape tensors) serializes far under 2 GiB even for a Stable Diffusion UNet, whose full
+    message protobuf refuses. The payloads go back into `model` on exit; `restore_weights`
+    puts them into a model derived from it (a pass's output that kept the tensors' names)."""
+    payload = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
+            payload[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            tensor.external_data.add(key="location", value=STRIPPED)
+    try:
+        yield payload
+    finally:
+        restore_weights(model, payload)
+
+
+def restore_weights(model: onnx.ModelProto, payload: dict[str, bytes]) -> None:
+    """Give every stripped initializer of `model` its payload back (see `weightless`)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and \
+                any(e.key == "location" and e.value == STRIPPED for e in tensor.external_data):
+            if tensor.name not in payload:
+                raise RuntimeError(f"initializer {tensor.name} lost its weights in a graph pass")
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = payload[tensor.name]

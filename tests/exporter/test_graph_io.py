@@ -1,0 +1,57 @@
+"""The weightless view the in-memory graph passes (shape inference, folding, FP16 typing, the
+lint) run on, so that a UNet past protobuf's 2 GiB never has to be serialized whole."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqd.exporter.cleanup import fold_and_clean
+from ptqd.exporter.fp16 import convert_to_fp16
+from ptqd.exporter.graph_io import INLINE_BELOW, restore_weights, weightless
+from ptqd.exporter.lint import lint_model
+
+
+def _model() -> onnx.ModelProto:
+    """x -> MatMul(W, 64x64) -> Reshape(shape computed from constants) -> y"""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Constant", [], ["two"], name="c", value=numpy_helper.from_array(np.array([2], np.int64))),
+             helper.make_node("Concat", ["two", "minus_one"], ["shape"], name="cat", axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["y"], name="r")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1], np.int64),
+                                                                                         "minus_one")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_weightless_view_holds_no_weight_and_gives_every_byte_back():
+    model = _model()
+    before = model.SerializeToString()
+    with weightless(model) as payload:
+        assert list(payload) == ["w"]  # the 16 KB weight; the 8-byte shape tensor stays inside
+        assert model.ByteSize() < INLINE_BELOW
+        with pytest.raises(Exception):  # a pass that did read a weight would fail, not see zeros
+            numpy_helper.to_array(model.graph.initializer[0])
+    assert model.SerializeToString() == before
+
+
+def test_passes_on_the_weightless_view_keep_the_weights():
+    model = _model()
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    folded, before, after = fold_and_clean(model)
+    assert (before.constant, after.constant) == (1, 0)  # the Constant/Concat folded, the weight untouched
+    assert np.array_equal(numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == "w")), w)
+    half = convert_to_fp16(folded)
+    assert np.array_equal(numpy_helper.to_array(next(i for i in half.graph.initializer if i.name == "w")),
+                          w.astype(np.float16))
+    assert lint_model(half, "tensorrt") == []
+
+
+def test_a_weight_lost_in_a_pass_is_an_error():
+    model = _model()
+    with weightless(model):
+        lost = onnx.ModelProto()
+        lost.CopyFrom(model)
+    with pytest.raises(RuntimeError, match="lost its weights"):
+        restore_weights(lost, {})
