@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ptqd.calibration.configs import DEFAULT_CALIB_BATCH
 from ptqd.calibration.layers import quantizable_layers
+from ptqd.calibration.recorded import StepTensors
 from ptqd.calibration.trajectory import TorchUNetEngine, chunk_engine, ddim_trajectory
 from ptqd.conditions import latent_shape
 from ptqd.runtime.conditioning import Guided
@@ -35,8 +36,8 @@ CHUNK = DEFAULT_CALIB_BATCH
 @dataclass
 class CalibrationData:
     timesteps: list[int]
-    x: torch.Tensor                       # [steps, n, C, H, W]: UNet input x_t
-    eps: torch.Tensor                     # [steps, n, C, H, W]: full-precision eps(x_t, t)
+    x: StepTensors                        # [steps, n, C, H, W]: UNet input x_t (on disk)
+    eps: StepTensors                      # [steps, n, C, H, W]: full-precision eps(x_t, t)
     act_values: dict[str, torch.Tensor] = field(default_factory=dict)
     act_absmax: dict[str, float] = field(default_factory=dict)
     # layer outputs: only the CPU-fast ONNX Runtime graph quantizes them (to fuse QLinear ops)
@@ -101,14 +102,15 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
             layers: list[str], batch_size: int = CHUNK, progress: bool = True,
             conditioner=None) -> CalibrationData:
     shape = tuple(latent_shape(unet))
-    xs = [[] for _ in range(steps)]
-    eps = [[] for _ in range(steps)]
+    xs, eps = StepTensors(steps, num_samples, shape), StepTensors(steps, num_samples, shape)
     timesteps = [0] * steps
 
-    def record(index, t, x, e):
-        timesteps[index] = t
-        xs[index].append(x.clone())
-        eps[index].append(e.clone())
+    def recorder(start: int):
+        def record(index, t, x, e):
+            timesteps[index] = t
+            xs.write(index, start, x)
+            eps.write(index, start, e)
+        return record
 
     observer = ActivationObserver(unet, layers, seed, calls=steps * -(-num_samples // batch_size))
     try:
@@ -118,14 +120,12 @@ def collect(unet, scheduler_config: dict, steps: int, eta: float, num_samples: i
                 count = min(batch_size, num_samples - start)
                 noise = SampleNoise(seed, CALIBRATION_INDEX_OFFSET + start, count, shape)
                 ddim_trajectory(chunk_engine(unet, conditioner, start, count), scheduler_config, steps,
-                                eta, noise, on_step=record, progress=lambda: bar.update(count))
+                                eta, noise, on_step=recorder(start), progress=lambda: bar.update(count))
     finally:
         values, absmax = observer.close()
     inputs = {k: v for k, v in values.items() if not k.endswith(":out")}
     outputs = {k[:-4]: v for k, v in values.items() if k.endswith(":out")}
-    return CalibrationData(timesteps, torch.stack([torch.cat(v) for v in xs]),
-                           torch.stack([torch.cat(e) for e in eps]),
-                           inputs, {k: absmax[k] for k in inputs},
+    return CalibrationData(timesteps, xs, eps, inputs, {k: absmax[k] for k in inputs},
                            outputs, {k: absmax[f"{k}:out"] for k in outputs}, batch_size)
 
 
