@@ -99,19 +99,31 @@ def scale_for_range(max_abs: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.clamp(max_abs.to(torch.float32) / grid.qmax, min=MIN_SCALE)
 
 
+# elements of a weight searched at a time: a block of output channels whose temporaries stay
+# in the CPU's cache. Searching a Stable Diffusion 1.5 conv (1280x1280x3x3) whole took 15.6 s
+# per grid on this project's 2-core machine, mostly page faults on fresh 59 MB temporaries.
+SEARCH_BLOCK = 1 << 16
+
+
 def weight_scales(weight: torch.Tensor, grid: Grid, candidates: int = 60) -> torch.Tensor:
     """Per-output-channel scales: the clipping ratio that minimises the Lp reconstruction
-    error of each channel, searched over [0.2, 1] of the channel's absolute maximum."""
+    error of each channel, searched over [0.2, 1] of the channel's absolute maximum. Channels
+    are independent, so they are searched a block at a time (the result does not depend on it)."""
     w = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
     max_abs = w.abs().amax(dim=1)
     best_err = torch.full_like(max_abs, float("inf"))
     best = scale_for_range(max_abs, grid)
-    for ratio in torch.linspace(0.2, 1.0, candidates):
-        scale = scale_for_range(max_abs * ratio, grid)
-        err = (fake_quantize(w, scale, grid, axis=0) - w).abs().pow(LP_NORM).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scale, best)
+    ratios = torch.linspace(0.2, 1.0, candidates)
+    rows = max(1, SEARCH_BLOCK // w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        block, peak = w[start:start + rows], max_abs[start:start + rows]
+        block_err, block_best = best_err[start:start + rows], best[start:start + rows]  # views
+        for ratio in ratios:
+            scale = scale_for_range(peak * ratio, grid)
+            err = fake_quantize(block, scale, grid, axis=0).sub_(block).abs_().pow_(LP_NORM).sum(dim=1)
+            better = err < block_err
+            block_err.copy_(torch.where(better, err, block_err))
+            block_best.copy_(torch.where(better, scale, block_best))
     return best
 
 
