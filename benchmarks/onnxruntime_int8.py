@@ -21,7 +21,7 @@ import torch
 
 from ptqd.calibration.data import collect
 from ptqd.calibration.layers import quantizable_layers
-from ptqd.calibration.stage import CalibrationRequest
+from ptqd.calibration.request import CalibrationRequest
 from ptqd.runtime.onnxruntime import create_session
 from ptqd.model import load_model
 from ptqd.pipeline import run_calibrate, run_export_stage

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ptqd.calibration.artifact import load_ptqd_json, steps_and_corrections
-from ptqd.calibration.stage import CalibrationRequest
+from ptqd.calibration.request import CalibrationRequest
 from ptqd.ddim import build_schedule
 from ptqd.evaluation.metrics import DigitFeatures, frechet_distance, per_sample_error, real_digit_features
 from ptqd.model import load_scheduler_config, resolve_model

@@ -89,7 +89,7 @@ def peak_rss_mib() -> float:
 
 
 def prepare(model_spec: str, work: Path, calib_samples: int) -> Path:
-    from ptqd.calibration.stage import CalibrationRequest
+    from ptqd.calibration.request import CalibrationRequest
     from ptqd.pipeline import run_build_stage, run_calibrate, run_export_stage
 
     out = work / "out"

@@ -19,7 +19,7 @@ from ptqd.calibration.gpus import DEFAULT_GPU, GPUS
 from ptqd.model import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the stage module pulls in torch; the CLI imports it only when it runs
-    from ptqd.calibration.stage import CalibrationRequest
+    from ptqd.calibration.request import CalibrationRequest
 
 BACKENDS_SAMPLE = ("torch", "onnxruntime", "tensorrt")
 
@@ -62,7 +62,7 @@ def _condition_options(f):
 
 
 def _conditions(prompts: tuple[str, ...], classes: str | None) -> tuple:
-    from ptqd.conditions import parse_classes
+    from ptqd.condition_options import parse_classes
 
     if prompts and classes:
         raise UserError("--prompt and --class exclude each other (text or class-conditional model)")
@@ -171,9 +171,9 @@ def _calibration_options(f):
 
 
 def _calibration_request(kw: dict) -> "CalibrationRequest":
-    from ptqd.calibration.stage import CalibrationRequest
+    from ptqd.calibration.request import CalibrationRequest
 
-    from ptqd.conditions import parse_classes, read_prompt_file
+    from ptqd.condition_options import parse_classes, read_prompt_file
 
     split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())
     if kw["prompts"] is not None and kw["classes"] is not None:

@@ -5,8 +5,6 @@ sample --backend torch` and the deployed sampler share one Conditioner and one g
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -37,27 +35,6 @@ DEFAULT_PROMPTS = (
     "a robot painting a picture in a studio",
     "a field of sunflowers under a clear sky",
 )
-
-
-def read_prompt_file(path: Path) -> tuple[str, ...]:
-    """One prompt per non-empty line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--prompts {path}: cannot read it ({type(exc).__name__})") from None
-    prompts = tuple(line.strip() for line in lines if line.strip())
-    if not prompts:
-        raise UserError(f"--prompts {path}: no prompts in it (one per line)")
-    return prompts
-
-
-def parse_classes(text: str | None, option: str = "--classes") -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated class labels, e.g. 1,7,42") from None
 
 
 def _sample_size(config) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ptqd.calibration.configs import DEFAULT_CALIB_BATCH
-from ptqd.calibration.stage import CalibrationRequest
+from ptqd.calibration.request import CalibrationRequest
 from ptqd.errors import UserError
 from ptqd.model import LoadedModel, load_model
 from ptqd.output import MANIFEST, check_output_dir, read_manifest, staged_directory, write_manifest
@@ -159,10 +159,8 @@ def run_export(req: ExportRequest) -> Path:
     from ptqd.model import resolve_model
     from ptqd.resume import StageLedger
 
-    from ptqd.devices import resolve_device
-
+    # options and the output first: torch (ptqd.devices) takes seconds to import
     req.calibration.validate()
-    device = resolve_device(req.device)
     settings = engine_settings(req.backend, req.batch)
     ledger = StageLedger(req.out if (req.out / MANIFEST).is_file() else None)
     if ledger.old:
@@ -175,6 +173,9 @@ def run_export(req: ExportRequest) -> Path:
                             "pass --force to replace it")
     else:
         check_output_dir(req.out, req.force)
+    from ptqd.devices import resolve_device
+
+    device = resolve_device(req.device)
     model = load_model(req.calibration.model, req.calibration.steps, device)
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]}), torch on {device}")
     run_stage = {
@@ -216,10 +217,7 @@ def _previous_engines(ledger) -> str:
 def run_calibrate(req: CalibrationRequest, out: Path, force: bool, device: str = "auto") -> Path:
     """`ptqd calibrate`: OUT/calibration alone, replacing an old one only with --force; torch
     runs on `device` (--device)."""
-    from ptqd.devices import resolve_device
-
-    req.validate()
-    torch_device = resolve_device(device)
+    req.validate()  # options and the output first: torch (ptqd.devices) takes seconds to import
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; give a directory path")
     target = out / CALIBRATION_DIR
@@ -227,7 +225,9 @@ def run_calibrate(req: CalibrationRequest, out: Path, force: bool, device: str =
         raise UserError(f"{target} exists; pass --force to recalibrate")
     if not out.absolute().parent.exists():
         raise UserError(f"cannot create output {out}: {out.absolute().parent} does not exist")
-    model = load_model(req.model, req.steps, torch_device)
+    from ptqd.devices import resolve_device
+
+    model = load_model(req.model, req.steps, resolve_device(device))
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:

@@ -55,7 +55,7 @@ def _torch_device(req: SampleRequest):
 def run_sample(req: SampleRequest) -> np.ndarray:
     if req.npy is None and req.grid is None:
         raise UserError("nothing to write: give --output x.npy and/or --grid x.png")
-    if req.backend == "torch":
+    if req.backend == "torch" and req.device.strip().lower() not in ("auto", "cpu"):
         _torch_device(req)   # a device torch cannot use: refused before anything is loaded
     if req.cuda_graph and req.backend != "tensorrt":
         raise UserError(f"--cuda-graph applies to --backend tensorrt, not {req.backend}")

@@ -24,6 +24,8 @@ DEFAULT_CALIB_BATCH = 64   # samples per UNet call in calibration (--calib-batch
 # Mixed precision by default: spend up to 25 % more BOPs than the base configuration on
 # the steps where its leftover noise is largest.
 DEFAULT_POLICY = "budget:1.25"
+# how the PTQD correction is applied (noise_stats.step_stats; "auto" picks one per step)
+CORRECTIONS = ("paper", "raw-k", "bias-map")
 
 
 FORMATS = ("int", "fp8", "fp16")

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ptqd.calibration.configs import is_kept
-from ptqd.calibration.layers import LayerInfo
 from ptqd.errors import UserError
+
+if TYPE_CHECKING:  # torch-free at run time: request.py parses --mixed-precision before torch loads
+    from ptqd.calibration.layers import LayerInfo
 
 FLOAT_BITS = 32
 POLICY_KINDS = ("snr", "budget", "latency")

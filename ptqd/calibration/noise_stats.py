@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-CORRECTIONS = ("paper", "raw-k", "bias-map")
+from ptqd.calibration.configs import CORRECTIONS
 
 
 @dataclass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -11,83 +10,25 @@ import torch
 from tqdm import tqdm
 
 from ptqd.calibration.artifact import write_ptqd_json
-from ptqd.calibration.configs import (DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY, FLOAT_CONFIG,
-                                     BitConfig, candidate_configs, is_kept)
-from ptqd.calibration.data import CHUNK, CalibrationData, collect, probe_predictions, probes
+from ptqd.calibration.configs import FLOAT_CONFIG, candidate_configs, is_kept
+from ptqd.calibration.data import CalibrationData, collect, probe_predictions, probes
 from ptqd.calibration.fakequant import fake_quant_unet
 from ptqd.calibration.gptq import BLOCK, DAMP, reconstruct_weights
-from ptqd.calibration.gpus import DEFAULT_GPU, format_peak, gpu_spec
+from ptqd.calibration.gpus import gpu_spec
 from ptqd.calibration.latency import estimate_step_latency, same_cost
 from ptqd.calibration.layers import measure_float_ops, measure_layers
-from ptqd.calibration.mixed_precision import Policy, choose_schedule, config_bops, fp32_bops
-from ptqd.calibration.noise_stats import CORRECTIONS, StepStats, step_stats
+from ptqd.calibration.mixed_precision import choose_schedule, config_bops, fp32_bops
+from ptqd.calibration.noise_stats import StepStats, step_stats
 from ptqd.calibration.params import ConfigQuant, calibrate_config, save_params
 from ptqd.calibration.sensitivity import (SENSITIVITY_PROBES, SENSITIVITY_STEPS, layer_sensitivity, probe_mse,
                                           write_sensitivity)
+from ptqd.calibration.request import CalibrationRequest
 from ptqd.calibration.trajectory import chunk_engine
 from ptqd.ddim import ddim_timeline
-from ptqd.errors import UserError
 from ptqd.runtime.schedule import fold_step
 
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
-# what a base configuration may be: integer grids (--bits/--act-bits) or FP8; fp16, the float
-# engine, is only ever a candidate beside a quantized base
-BASE_FORMATS = ("int", "fp8")
 # recorded (x_t, t) whose layer inputs build GPTQ's Hessians, spread over every step
 GPTQ_PROBES = 256
-
-
-@dataclass(frozen=True)
-class CalibrationRequest:
-    model: str
-    bits: int = 4
-    act_bits: int = 8
-    steps: int = 50
-    eta: float = 0.0
-    seed: int = 0
-    calib_samples: int = DEFAULT_CALIB_SAMPLES
-    mixed_precision: str = DEFAULT_POLICY
-    correction: str = "auto"
-    extra_configs: tuple[str, ...] = ()
-    keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
-    # conditional models: None = the kind's default (conditions.DEFAULT_GUIDANCE)
-    guidance_scale: float | None = None
-    conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
-    weight_rounding: str | None = None   # None: gptq below 8 weight bits, else nearest
-    target_gpu: str = DEFAULT_GPU        # whose datasheet peaks price the latency estimates
-    format: str = "int"                  # the base configuration's: int (bits, act_bits) or fp8
-    sensitivity: bool = True             # measure the per-layer sensitivity map
-    calib_batch: int = CHUNK             # samples per UNet call (trajectories, statistics, probes)
-
-    @property
-    def base(self) -> BitConfig:
-        return BitConfig.of_format(self.format, self.bits, self.act_bits)
-
-    @property
-    def rounding(self) -> str:
-        if self.weight_rounding is not None:
-            return self.weight_rounding
-        return "gptq" if self.base.weight_bits < 8 else "nearest"
-
-    def validate(self) -> tuple[BitConfig, Policy]:
-        if self.format not in BASE_FORMATS:
-            raise UserError(f"--format {self.format!r}: expected {' or '.join(BASE_FORMATS)}")
-        base = self.base
-        policy = Policy.parse(self.mixed_precision)
-        if self.calib_samples < 8:
-            raise UserError(f"--calib-samples {self.calib_samples} is too few (at least 8)")
-        if self.calib_batch < 1:
-            raise UserError(f"--calib-batch {self.calib_batch}: at least 1 sample per UNet call")
-        if self.correction not in ("auto", *CORRECTIONS):
-            raise UserError(f"--correction {self.correction!r}: expected auto or {', '.join(CORRECTIONS)}")
-        if self.weight_rounding not in (None, *WEIGHT_ROUNDINGS):
-            raise UserError(f"--weight-rounding {self.weight_rounding!r}: expected {' or '.join(WEIGHT_ROUNDINGS)}")
-        # every configuration parsed and priceable on the target before minutes of calibration
-        configs = candidate_configs(base, list(self.extra_configs))
-        gpu = gpu_spec(self.target_gpu)
-        if any(c.fmt == "fp8" for c in configs):
-            format_peak(gpu, "fp8")
-        return base, policy
 
 
 def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar,
@@ -103,13 +44,12 @@ def measure_noise(unet, quant, data: CalibrationData, n_fit: int, mode: str, bar
     out = []
     with torch.no_grad():
         for i, t in enumerate(data.timesteps):
-            x = data.x[i].numpy()
+            x, eps = data.x[i].numpy(), data.eps[i]  # one step read from the recorded file
             tt = np.full((n,), float(t), dtype=np.float32)
-            eps_q = data.eps[i] if qmodel is None else torch.from_numpy(
+            eps_q = eps if qmodel is None else torch.from_numpy(
                 np.concatenate([e(x[s:s + chunk], tt[s:s + chunk]) for e, s in zip(engines, range(0, n, chunk))]))
-            delta = eps_q - data.eps[i]
-            out.append(step_stats(data.eps[i][:n_fit], delta[:n_fit], data.eps[i][n_fit:],
-                                  delta[n_fit:], mode))
+            delta = eps_q - eps
+            out.append(step_stats(eps[:n_fit], delta[:n_fit], eps[n_fit:], delta[n_fit:], mode))
             bar.update(1)
     return out
 
