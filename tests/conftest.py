@@ -1,18 +1,16 @@
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ptqd.model import BUILTIN_MODELS
+from tests import forked_cli
 
 
 def run_cli(*args: str, entry: str = "ptqd", cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """Run an installed console script (ptqd, export-trt) as a user would, in a fresh process."""
-    script = Path(sys.executable).parent / entry
-    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+    """Run a console script (ptqd, export-trt) as a user would, in a fresh process (forked from
+    one that has imported torch and diffusers already: tests/forked_cli.py)."""
+    return forked_cli.run(entry, list(args), cwd=cwd, timeout=timeout, env=env)
 
 
 def assert_user_error(result, *fragments: str) -> None:
