@@ -159,9 +159,12 @@ def run_export(req: ExportRequest) -> Path:
     from ptqd.model import resolve_model
     from ptqd.resume import StageLedger
 
-    # options and the output first: torch (ptqd.devices) takes seconds to import
+    # options first: torch (ptqd.devices) takes seconds to import
     req.calibration.validate()
     settings = engine_settings(req.backend, req.batch)
+    from ptqd.devices import resolve_device
+
+    device = resolve_device(req.device)  # refused even where the output is up to date
     ledger = StageLedger(req.out if (req.out / MANIFEST).is_file() else None)
     if ledger.old:
         redo = stages_to_redo(req, resolve_model(req.calibration.model).sha256, ledger)
@@ -173,9 +176,6 @@ def run_export(req: ExportRequest) -> Path:
                             "pass --force to replace it")
     else:
         check_output_dir(req.out, req.force)
-    from ptqd.devices import resolve_device
-
-    device = resolve_device(req.device)
     model = load_model(req.calibration.model, req.calibration.steps, device)
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]}), torch on {device}")
     run_stage = {

@@ -114,7 +114,8 @@ def weight_scales(weight: torch.Tensor, grid: Grid, candidates: int = 60) -> tor
     best_err = torch.full_like(max_abs, float("inf"))
     best = scale_for_range(max_abs, grid)
     ratios = torch.linspace(0.2, 1.0, candidates)
-    rows = max(1, SEARCH_BLOCK // w.shape[1])
+    # two rows at least: a reduction with one output may be split across threads (another sum order)
+    rows = max(2, SEARCH_BLOCK // w.shape[1])
     for start in range(0, w.shape[0], rows):
         block, peak = w[start:start + rows], max_abs[start:start + rows]
         block_err, block_best = best_err[start:start + rows], best[start:start + rows]  # views

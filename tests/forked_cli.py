@@ -11,6 +11,7 @@ instead (tests/test_interrupt.py always does: it sends real signals to the real 
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import subprocess
@@ -54,6 +55,7 @@ def _child(entry: str, argv: list[str], cwd: str, env: dict, out_path: str, err_
         traceback.print_exc()
         code = 1
     finally:
+        atexit._run_exitfuncs()  # what interpreter shutdown does before the process ends
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)

@@ -1,6 +1,8 @@
 """Bad input (issue 8's list, where not tested beside its feature): exit code, one line,
 no traceback, output untouched."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +76,18 @@ def test_batch_outside_the_engine_profile(exported_copy, tmp_path):
     # the fixture's engines were built for --batch 1,4,8
     assert_user_error(run_cli("sample", str(exported_copy), "--backend", "onnxruntime", "--num", "16",
                               "--batch-size", "16", "--output", str(tmp_path / "s.npy")), "profile 1..8")
+
+
+@pytest.mark.parametrize("entry, args", [
+    ("main", ["calibrate", "--bits", "3"]), ("export_trt_main", ["--mixed-precision", "fast"]),
+    ("main", ["sample", "--cuda-graph"]),
+])
+def test_bad_options_are_refused_before_torch_is_imported_real_process(tmp_path, entry, args):
+    """In a fresh interpreter (not tests/forked_cli.py's warm one): a mistyped option is refused
+    without importing torch, i.e. in a fraction of a second instead of ~4 s here."""
+    code = ("import sys\nfrom ptqd.cli import " + entry + "\ntry:\n    " + entry + "(sys.argv[1:])\n"
+            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, *args, "--output", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["1", "False"], result.stdout + result.stderr
+    assert not (tmp_path / "o").exists()

@@ -41,11 +41,13 @@ def _one_pass(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     # on the weightless view: shape inference serializes the model (a UNet past 2 GiB would
-    # not), and no foldable subgraph reads a weight (Q/DQ are never folded)
+    # not). A node computing from a weight is left as it is (the TorchScript exporter has
+    # folded those already, Q/DQ are never folded): evaluating it would need the payload.
     with weightless(model) as payload:
         graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
         graph.toposort()
-        graph.fold_constants(error_ok=False).cleanup().toposort()
+        reads_weight = lambda node: any(t.name in payload for t in node.inputs)
+        graph.fold_constants(error_ok=False, should_exclude_node=reads_weight).cleanup().toposort()
         folded = gs.export_onnx(graph)
     restore_weights(folded, payload)
     # shape inference's value_info is not part of the graph's contract; writers re-infer

@@ -79,19 +79,21 @@ STRIPPED = "ptqd-weights-held-in-memory"
 
 
 @contextmanager
-def weightless(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
+def weightless(model: onnx.ModelProto) -> Iterator[dict[str, tuple[bytes, int | None]]]:
     """`model` with its large initializers' payload taken out for the duration, yielding the
     payloads by name: what shape inference and folding need (names, types, dims, the small
     shape tensors) serializes far under 2 GiB even for a Stable Diffusion UNet, whose full
-    message protobuf refuses. The payloads go back into `model` on exit; `restore_weights`
-    puts them into a model derived from it (a pass's output that kept the tensors' names)."""
+    message protobuf refuses. The payloads go back into `model` on exit (byte for byte);
+    `restore_weights` puts them into a model derived from it (a pass's output that kept the
+    tensors' names)."""
     payload = {}
     for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
-            payload[tensor.name] = tensor.raw_data
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW and not tensor.external_data:
+            # (payload, data_location if the tensor spelled it out): onnx.load writes DEFAULT explicitly
+            payload[tensor.name] = (tensor.raw_data,
+                                    tensor.data_location if tensor.HasField("data_location") else None)
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
             tensor.external_data.add(key="location", value=STRIPPED)
     try:
         yield payload
@@ -99,13 +101,17 @@ def weightless(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
         restore_weights(model, payload)
 
 
-def restore_weights(model: onnx.ModelProto, payload: dict[str, bytes]) -> None:
+def restore_weights(model: onnx.ModelProto, payload: dict[str, tuple[bytes, int | None]]) -> None:
     """Give every stripped initializer of `model` its payload back (see `weightless`)."""
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and \
                 any(e.key == "location" and e.value == STRIPPED for e in tensor.external_data):
             if tensor.name not in payload:
                 raise RuntimeError(f"initializer {tensor.name} lost its weights in a graph pass")
+            raw, location = payload[tensor.name]
             del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = payload[tensor.name]
+            if location is None:
+                tensor.ClearField("data_location")
+            else:
+                tensor.data_location = location
+            tensor.raw_data = raw
