@@ -24,6 +24,11 @@ EXTERNAL_DATA_ABOVE = 1_800_000_000
 INLINE_BELOW = 1024
 
 
+def _is_weight(tensor: onnx.TensorProto) -> bool:
+    """A tensor whose payload leaves the graph: into the data file, or out of a weightless view."""
+    return tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW
+
+
 def external_data_above() -> int:
     value = os.environ.get("PTQD_EXTERNAL_DATA_ABOVE")
     return EXTERNAL_DATA_ABOVE if value is None else int(value)
@@ -52,7 +57,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     from onnx.external_data_helper import set_external_data
 
     for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
+        if _is_weight(tensor):
             set_external_data(tensor, data.name)
     onnx.save_model(model, str(path))
     onnx.load_external_data_for_model(model, str(path.parent))
@@ -88,7 +93,7 @@ def weightless(model: onnx.ModelProto) -> Iterator[dict[str, tuple[bytes, int | 
     tensors' names)."""
     payload = {}
     for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW and not tensor.external_data:
+        if _is_weight(tensor) and not tensor.external_data:
             # (payload, data_location if the tensor spelled it out): onnx.load writes DEFAULT explicitly
             payload[tensor.name] = (tensor.raw_data,
                                     tensor.data_location if tensor.HasField("data_location") else None)
