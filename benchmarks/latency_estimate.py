@@ -17,35 +17,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnxruntime_int8 import make_unet25m  # noqa: E402
 
-from ptqd.calibration.configs import DEFAULT_KEEP, BitConfig  # noqa: E402
+from ptqd.calibration.configs import BitConfig  # noqa: E402
 from ptqd.calibration.gpus import GPUS, gpu_spec  # noqa: E402
 from ptqd.calibration.latency import estimate_step_latency, float_ops_ms, same_cost  # noqa: E402
 from ptqd.calibration.layers import measure_float_ops, measure_layers  # noqa: E402
 from ptqd.calibration.mixed_precision import config_bops  # noqa: E402
 from ptqd.conditions import latent_shape  # noqa: E402
-from ptqd.model import load_unet, resolve_model  # noqa: E402
+from ptqd.families import family_of_module  # noqa: E402
+from ptqd.model import load_denoiser, resolve_model  # noqa: E402
 
 CONFIGS = ("w8a8", "w4a8", "w4a4", "fp8")
 
 
 def load(name: str, tmp: Path):
     spec = str(make_unet25m(tmp / name)) if name == "unet25m" else name
-    return load_unet(resolve_model(spec))
+    return load_denoiser(resolve_model(spec))
 
 
 def report(name: str, unet, gpus: list[str], batches: list[int]) -> None:
     shape = tuple(latent_shape(unet))
+    keep = family_of_module(unet).default_keep
     layers, ops = measure_layers(unet, shape), measure_float_ops(unet, shape)
     params = sum(p.numel() for p in unet.parameters())
     macs = sum(layer.macs for layer in layers) + sum(c.macs for c in ops.attention)
     print(f"\n## {name}: {params / 1e6:.2f} M parameters, input {list(shape)}, "
           f"{macs / 1e9:.3f} GMACs/sample ({len(layers)} Conv/Linear, {len(ops.attention)} attention cores), "
-          f"kept in FP16: {', '.join(DEFAULT_KEEP)}")
-    bops = {c: config_bops(layers, *_bits(c), DEFAULT_KEEP) for c in CONFIGS if c.startswith("w")}
+          f"kept in FP16: {', '.join(keep)}")
+    bops = {c: config_bops(layers, *_bits(c), keep) for c in CONFIGS if c.startswith("w")}
     for gpu in gpus:
         configs = [c for c in CONFIGS if c != "fp8" or gpu_spec(gpu).fp8_tflops is not None]
         for batch in batches:
-            lat = estimate_step_latency(layers, ops, configs, DEFAULT_KEEP, batch, gpu)
+            lat = estimate_step_latency(layers, ops, configs, keep, batch, gpu)
             rest = float_ops_ms(ops, batch, gpu)
             print(f"\n{gpu_spec(gpu).label}, batch {batch} (estimated; float ops outside Conv/Linear "
                   f"{rest * 1e3:.1f} us = {rest / lat['fp16'] * 100:.0f} % of fp16)")

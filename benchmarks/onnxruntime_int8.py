@@ -44,8 +44,8 @@ def make_unet25m(folder: Path) -> Path:
 
 def feeds_from_trajectories(spec: str, steps: int, samples: int, batch: int) -> list[dict]:
     model = load_model(spec, steps)
-    data = collect(model.unet, model.scheduler_config, steps, 0.0, samples, seed=7,
-                   layers=list(quantizable_layers(model.unet))[:1], progress=False)
+    data = collect(model.denoiser, model.scheduler_config, steps, 0.0, samples, seed=7,
+                   layers=list(quantizable_layers(model.denoiser))[:1], progress=False)
     feeds = []
     for i, t in enumerate(data.timesteps):
         for xb in data.x[i].split(batch):
@@ -154,7 +154,7 @@ def main() -> None:
             work.mkdir()
             model_spec = str(make_unet25m(work / "model")) if spec == "unet25m" else spec
             if spec == "unet25m":
-                params = sum(p.numel() for p in load_model(model_spec, 10).unet.parameters())
+                params = sum(p.numel() for p in load_model(model_spec, 10).denoiser.parameters())
                 print(f"unet25m: {params / 1e6:.1f} M parameters")
             rows += bench_model(model_spec, spec, work, args.steps, args.repeats)
             onnx_dir = work / "out" / "onnx"

@@ -27,7 +27,7 @@ def run_diffusers(model_spec: str, out: Path, batch: int) -> dict:
     from ptqd.model import load_model
 
     model = load_model(model_spec, STEPS)
-    pipe = DDIMPipeline(unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config))
+    pipe = DDIMPipeline(unet=model.denoiser, scheduler=DDIMScheduler.from_config(model.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=batch, num_inference_steps=2, output_type="np")  # warm-up
     t0 = time.perf_counter()

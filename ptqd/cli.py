@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ptqd.errors import UserError
-from ptqd.calibration.configs import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP, DEFAULT_POLICY
+from ptqd.calibration.configs import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_POLICY
 from ptqd.calibration.gpus import DEFAULT_GPU, GPUS
 from ptqd.model import DEFAULT_MODEL
 
@@ -53,6 +53,9 @@ def _device_option(f):
 
 
 def _condition_options(f):
+    f = click.option("--negative-prompt", default=None,
+                     help="Text models: the prompt of guidance's unconditional half, for every image [default: "
+                          "the model's: empty, or zeros where its pipeline zeroes it (SDXL)].")(f)
     f = click.option("--class", "classes", default=None,
                      help="Class-conditional models: class labels, comma-separated; image j gets label j % count "
                           "[default: the calibrated classes].")(f)
@@ -108,7 +111,7 @@ def cli(debug: bool) -> None:
 @_device_option
 @_force_option
 def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no_correction, graph, cuda_graph,
-           npy, grid, prompts, classes, device, force):
+           npy, grid, prompts, classes, negative_prompt, device, force):
     """Sample images: the full-precision --model, or (with OUT) an exported output."""
     from ptqd.sample import SampleRequest, run_sample
 
@@ -116,7 +119,7 @@ def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no
                              batch_size=batch_size, backend=backend, npy=npy, grid=grid,
                              force=force, precision=precision.lower(), correction=not no_correction,
                              graph=graph, conditions=_conditions(prompts, classes), cuda_graph=cuda_graph,
-                             device=device))
+                             device=device, negative_prompt=negative_prompt))
 
 
 def _calibration_options(f):
@@ -155,8 +158,10 @@ def _calibration_options(f):
         click.option("--configs", "extra_configs", default="",
                      help="Extra configurations to calibrate, comma-separated: w<bits>a<bits>, fp8, or fp16 "
                           "(the float engine a schedule may fall back to) (e.g. w4a4,fp16)."),
-        click.option("--keep", default=",".join(DEFAULT_KEEP), show_default=True,
-                     help="Layers kept in float (comma-separated glob patterns of module names)."),
+        click.option("--keep", default=None,
+                     help="Layers kept in float (comma-separated glob patterns of module names) [default: the "
+                          "model family's: conv_in,conv_out,time_embedding.* for UNets (SDXL adds add_embedding.*), "
+                          "the patch and time embedders and final layer for transformers]."),
         click.option("--guidance-scale", type=float, default=None,
                      help="Conditional models: the classifier-free guidance scale calibrated and deployed "
                           "[default: 7.5 for text, 3 for class-conditional models]."),
@@ -188,7 +193,7 @@ def _calibration_request(kw: dict) -> "CalibrationRequest":
         format=kw["fmt"], steps=kw["steps"],
         eta=kw["eta"], seed=kw["seed"], calib_samples=kw["calib_samples"],
         mixed_precision=kw["mixed_precision"], correction=kw["correction"],
-        extra_configs=split(kw["extra_configs"]), keep=split(kw["keep"]),
+        extra_configs=split(kw["extra_configs"]), keep=None if kw["keep"] is None else split(kw["keep"]),
         guidance_scale=kw["guidance_scale"], conditions=conditions, weight_rounding=kw["weight_rounding"],
         target_gpu=kw["target_gpu"], sensitivity=kw["sensitivity"], calib_batch=kw["calib_batch"])
 
@@ -287,7 +292,7 @@ def serve(repository, triton_env, http_port, grpc_port):
 @click.option("--grid", type=click.Path(path_type=Path), help="Write an image grid as PNG.")
 @_condition_options
 @_force_option
-def client(url, protocol, num, seed, first_index, npy, grid, prompts, classes, force):
+def client(url, protocol, num, seed, first_index, npy, grid, prompts, classes, negative_prompt, force):
     """Ask a Triton server running OUT/triton for images."""
     import time
 
@@ -305,7 +310,8 @@ def client(url, protocol, num, seed, first_index, npy, grid, prompts, classes, f
     conditions = _conditions(prompts, classes)
     images = request_images(url, num, seed, first_index, protocol,
                             prompts=tuple(c for c in conditions if isinstance(c, str)),
-                            classes=tuple(c for c in conditions if isinstance(c, int)))
+                            classes=tuple(c for c in conditions if isinstance(c, int)),
+                            negative_prompt=negative_prompt)
     click.echo(f"{num} images from {url} ({protocol}) in {time.perf_counter() - started:.2f} s")
     write_images(images, npy, grid)
     for path in (npy, grid):

@@ -1,14 +1,14 @@
 """Find and load the diffusion model that `--model` names.
 
-Accepted: the name of a built-in model, a diffusers pipeline folder (model_index.json with
-unet/ and scheduler/, and for latent or text-conditioned models vae/, text_encoder/ and
-tokenizer/, as Stable Diffusion folders have them), or one folder holding a UNet config, its
-weights and a scheduler config. Everything else is a UserError in one sentence.
+Accepted: the name of a built-in model, a diffusers pipeline folder (model_index.json with the
+denoiser in unet/ or transformer/ and scheduler/, and for latent or text-conditioned models
+vae/, text_encoder/, tokenizer/ (and SDXL's text_encoder_2/, tokenizer_2/)), or one folder
+holding a denoiser config, its weights and a scheduler config. Everything else is a UserError
+in one sentence.
 
-Conditioning, read from the configs: a UNet2DModel with class embeddings is class-conditional
-(the last embedding, or model_index.json's "null_class", is the unconditional class of
-classifier-free guidance, LDM's convention); a UNet2DConditionModel is text-conditioned
-through its pipeline's CLIP text encoder and tokenizer.
+Which model family a folder holds (ptqd.families) is read from its denoiser's config alone,
+before torch is imported; the family then says what the pipeline must contain and how its
+parts are used.
 """
 from __future__ import annotations
 
@@ -18,33 +18,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqd.errors import UserError
+from ptqd.families import DENOISER_FOLDERS, ModelFamily, detect
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits-ddpm"}
+BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits-ddpm", "digits-dit": BUILTIN_DIR / "digits-dit"}
+# the digit classifier shipped beside the built-in models: the judge of their samples (class
+# accuracy) and the feature space of their Fréchet distance
+BUILTIN_CLASSIFIER = BUILTIN_DIR / "digits-ddpm" / "classifier"
 DEFAULT_MODEL = "digits"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
-COMPONENTS = ("vae", "text_encoder", "tokenizer")
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's UNet and scheduler live on disk, and the hash that identifies it."""
+    """Where a model's denoiser, scheduler and other components live on disk, its family, and
+    the hash that identifies it."""
     spec: str
-    unet_dir: Path
+    denoiser_dir: Path
     scheduler_dir: Path
     weights: Path
     sha256: str
     builtin: bool
-    unet_class: str = "UNet2DModel"
-    components: dict = field(default_factory=dict)   # vae / text_encoder / tokenizer -> folder
+    family: ModelFamily
+    denoiser_class: str = "UNet2DModel"
+    components: dict = field(default_factory=dict)   # vae / text_encoder / tokenizer ... -> folder
     model_index: dict = field(default_factory=dict)
 
     @property
     def extras_dir(self) -> Path | None:
-        """The built-in model's classifier folder (None for user models)."""
-        folder = self.unet_dir.parent / "classifier"
-        return folder if self.builtin and folder.is_dir() else None
+        """The built-in models' classifier folder (None for user models)."""
+        return BUILTIN_CLASSIFIER if self.builtin and BUILTIN_CLASSIFIER.is_dir() else None
 
 
 def resolve_model(spec: str | None) -> ModelSource:
@@ -62,13 +66,16 @@ def resolve_model(spec: str | None) -> ModelSource:
     if (path / "config.json").is_file() and (path / "scheduler_config.json").is_file():
         return _source(spec, path, path, builtin=False)
     raise UserError(f"--model {spec!r} is not a diffusers model: expected model_index.json with "
-                    "unet/ and scheduler/, or config.json + weights + scheduler_config.json")
+                    f"{' or '.join(f'{d}/' for d in DENOISER_FOLDERS)} and scheduler/, or config.json + weights + "
+                    "scheduler_config.json")
 
 
 def _pipeline_source(spec: str, folder: Path, builtin: bool) -> ModelSource:
-    unet_dir, sched_dir = folder / "unet", folder / "scheduler"
-    if not (unet_dir / "config.json").is_file() or not (sched_dir / "scheduler_config.json").is_file():
-        raise UserError(f"--model {spec!r} has model_index.json but lacks unet/config.json or "
+    denoiser_dir = next((folder / d for d in DENOISER_FOLDERS if (folder / d / "config.json").is_file()), None)
+    sched_dir = folder / "scheduler"
+    if denoiser_dir is None or not (sched_dir / "scheduler_config.json").is_file():
+        wanted = " or ".join(f"{d}/config.json" for d in DENOISER_FOLDERS)
+        raise UserError(f"--model {spec!r} has model_index.json but lacks a denoiser ({wanted}) or "
                         "scheduler/scheduler_config.json")
     index = _read_json(folder / "model_index.json", spec)
     if not isinstance(index, dict):
@@ -77,7 +84,7 @@ def _pipeline_source(spec: str, folder: Path, builtin: bool) -> ModelSource:
         raise UserError(f"--model {spec!r}: VQ-VAE latent models (vqvae/) are not supported (AutoencoderKL vae/ is)")
     components = {name: folder / name for name in COMPONENTS if isinstance(index.get(name), list)
                   and index[name] and index[name][0] is not None and (folder / name).is_dir()}
-    return _source(spec, unet_dir, sched_dir, builtin, components, index)
+    return _source(spec, denoiser_dir, sched_dir, builtin, components, index)
 
 
 def _component_files(folder: Path) -> list[Path]:
@@ -85,28 +92,32 @@ def _component_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
 
 
-def _source(spec: str, unet_dir: Path, sched_dir: Path, builtin: bool, components: dict | None = None,
+def _check_components(spec: str, family: ModelFamily, components: dict) -> None:
+    needed = [p for part in family.text_parts for p in (part.component, part.tokenizer)]
+    missing = [name for name in needed if name not in components]
+    if missing:
+        raise UserError(f"--model {spec!r}: a {family.description} needs its pipeline's "
+                        f"{', '.join(f'{m}/' for m in missing)} (give the whole pipeline folder)")
+
+
+def _source(spec: str, denoiser_dir: Path, sched_dir: Path, builtin: bool, components: dict | None = None,
             index: dict | None = None) -> ModelSource:
-    weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).is_file()), None)
-    if weights is None:
-        raise UserError(f"--model {spec!r}: no UNet weights in {unet_dir} (expected one of "
-                        f"{', '.join(WEIGHT_FILES)})")
-    config = _read_json(unet_dir / "config.json", spec)
+    config = _read_json(denoiser_dir / "config.json", spec)
     cls = config.get("_class_name", "UNet2DModel")
-    if cls not in SUPPORTED_UNETS:
-        raise UserError(f"--model {spec!r}: UNet class {cls} is not supported "
-                        f"(supported: {', '.join(SUPPORTED_UNETS)})")
+    family = detect(spec, cls, config, index)
+    weights = next((denoiser_dir / f for f in WEIGHT_FILES if (denoiser_dir / f).is_file()), None)
+    if weights is None:
+        raise UserError(f"--model {spec!r}: no {family.denoiser_label} weights in {denoiser_dir} (expected one of "
+                        f"{', '.join(WEIGHT_FILES)})")
     components = components or {}
-    if cls == "UNet2DConditionModel" and not {"text_encoder", "tokenizer"} <= set(components):
-        raise UserError(f"--model {spec!r}: a UNet2DConditionModel needs its pipeline's text_encoder/ "
-                        "and tokenizer/ (give the whole Stable Diffusion folder)")
-    files = [unet_dir / "config.json", weights, sched_dir / "scheduler_config.json"]
+    _check_components(spec, family, components)
+    files = [denoiser_dir / "config.json", weights, sched_dir / "scheduler_config.json"]
     for name in sorted(components):
         files += _component_files(components[name])
-    if index and (components or config.get("num_class_embeds")):
+    if index and (components or family.kind != "unconditional"):
         # a conditional pipeline's model_index.json says which parts load and its null class
-        files.append(unet_dir.parent / "model_index.json")
-    return ModelSource(spec, unet_dir, sched_dir, weights, _hash_files(files), builtin, cls, components,
+        files.append(denoiser_dir.parent / "model_index.json")
+    return ModelSource(spec, denoiser_dir, sched_dir, weights, _hash_files(files), builtin, family, cls, components,
                        index or {})
 
 
@@ -131,58 +142,21 @@ def _load(source: ModelSource, what: str, folder: Path, load):
     try:
         model = load(str(folder))
     except Exception as exc:  # diffusers/transformers/safetensors raise many types for a damaged file
-        where = f"UNet weights from {source.weights}" if what == "UNet" else f"the {what} from {folder}"
+        where = (f"{source.family.denoiser_label} weights from {source.weights}" if what == "denoiser"
+                 else f"the {what} from {folder}")
         raise UserError(f"--model {source.spec!r}: cannot load {where} "
                         f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
     return model.float().eval().requires_grad_(False) if hasattr(model, "eval") else model
 
 
-def load_unet(source: ModelSource):
-    """The UNet in eval mode, float32, on the CPU."""
+def load_denoiser(source: ModelSource):
+    """The denoiser (UNet or transformer) in eval mode, float32, on the CPU."""
     import diffusers
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
-    cls = getattr(diffusers, source.unet_class)
-    unet = _load(source, "UNet", source.unet_dir, lambda d: cls.from_pretrained(d, low_cpu_mem_usage=False))
-    _check_conditioning(source, unet.config)
-    return unet
-
-
-def _check_conditioning(source: ModelSource, cfg) -> None:
-    """Refuse the UNet variants whose extra inputs ptqd does not produce."""
-    unsupported = []
-    if source.unet_class == "UNet2DConditionModel":
-        unsupported = [k for k in ("class_embed_type", "num_class_embeds", "addition_embed_type")
-                       if cfg.get(k) is not None]
-    elif cfg.get("class_embed_type") is not None:
-        unsupported = ["class_embed_type"]
-    if unsupported:
-        raise UserError(f"--model {source.spec!r}: UNet option {unsupported[0]}={cfg.get(unsupported[0])!r} "
-                        "is not supported (supported: class labels on UNet2DModel via num_class_embeds, "
-                        "text via UNet2DConditionModel)")
-
-
-def conditioning_kind(source: ModelSource, unet_config) -> str:
-    if source.unet_class == "UNet2DConditionModel":
-        return "text"
-    return "class" if unet_config.get("num_class_embeds") else "unconditional"
-
-
-def class_labels(source: ModelSource, unet_config) -> tuple[int, int]:
-    """(number of real classes, the null class): guidance's unconditional label is
-    model_index.json's "null_class", or the last class embedding; the real classes are
-    "num_classes" there, or every label below the null class."""
-    embeds = int(unet_config["num_class_embeds"])
-    try:
-        null = int(source.model_index.get("null_class", embeds - 1))
-        count = int(source.model_index.get("num_classes", null))
-    except (TypeError, ValueError):
-        raise UserError(f"--model {source.spec!r}: model_index.json's null_class/num_classes are not integers") from None
-    if not 0 <= null < embeds or not 1 <= count <= embeds or null < count:
-        raise UserError(f"--model {source.spec!r}: null class {null} with {count} classes does not fit the "
-                        f"UNet's {embeds} class embeddings (the null class must follow the real classes)")
-    return count, null
+    cls = getattr(diffusers, source.denoiser_class)
+    return _load(source, "denoiser", source.denoiser_dir, lambda d: cls.from_pretrained(d, low_cpu_mem_usage=False))
 
 
 def load_vae(source: ModelSource):
@@ -195,21 +169,38 @@ def load_vae(source: ModelSource):
                  lambda d: AutoencoderKL.from_pretrained(d, low_cpu_mem_usage=False))
 
 
-def load_text_parts(source: ModelSource):
-    """(tokenizer, text encoder) of a text-conditioned pipeline, or (None, None)."""
-    if "text_encoder" not in source.components:
-        return None, None
+def _transformers_class(source: ModelSource, component: str, allowed: tuple[str, ...]):
+    """The transformers class model_index.json names for a component, if the family takes it."""
+    named = source.model_index.get(component, [None, allowed[0]])[1]
+    if named not in allowed:
+        raise UserError(f"--model {source.spec!r}: {component} is a {named}; a {source.family.description} "
+                        f"takes {' or '.join(allowed)}")
+    import transformers
+
+    return getattr(transformers, named)
+
+
+def load_text_parts(source: ModelSource) -> tuple[dict, dict]:
+    """({tokenizer folder: tokenizer}, {text encoder folder: encoder}) of a text-conditioned
+    pipeline, as its family lists them; empty for other models."""
+    if not source.family.text_parts:
+        return {}, {}
     try:
-        from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as tlogging
     except ImportError:
         raise UserError("text-conditioned models need transformers, a ptqd dependency: reinstall "
                         "ptqd (make install)") from None
     tlogging.set_verbosity_error()
     tlogging.disable_progress_bar()  # transformers 5 shows a "Loading weights" bar per model
-    tokenizer = _load(source, "tokenizer", source.components["tokenizer"], CLIPTokenizer.from_pretrained)
-    encoder = _load(source, "text encoder", source.components["text_encoder"], CLIPTextModel.from_pretrained)
-    return tokenizer, encoder
+    tokenizers, encoders = {}, {}
+    for part in source.family.text_parts:
+        tok_cls = _transformers_class(source, part.tokenizer, part.tokenizer_classes)
+        enc_cls = _transformers_class(source, part.component, part.classes)
+        tokenizers[part.tokenizer] = _load(source, "tokenizer", source.components[part.tokenizer],
+                                           tok_cls.from_pretrained)
+        encoders[part.component] = _load(source, "text encoder", source.components[part.component],
+                                         enc_cls.from_pretrained)
+    return tokenizers, encoders
 
 
 def load_scheduler_config(source: ModelSource) -> dict:
@@ -225,29 +216,34 @@ def load_scheduler_config(source: ModelSource) -> dict:
 
 @dataclass
 class LoadedModel:
-    source: object
-    unet: object
+    source: ModelSource
+    denoiser: object
     scheduler_config: dict
     vae: object = None            # latent models: the AutoencoderKL whose decoder makes the image
-    tokenizer: object = None      # text-conditioned models
-    text_encoder: object = None
+    tokenizers: dict = field(default_factory=dict)      # text-conditioned models, by folder name
+    text_encoders: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.source.family
 
     def to(self, device) -> "LoadedModel":
-        """The UNet and text encoder moved to `device` (a torch.device), in place."""
-        self.unet.to(device)
-        if self.text_encoder is not None:
-            self.text_encoder.to(device)
+        """The denoiser and text encoders moved to `device` (a torch.device), in place."""
+        self.denoiser.to(device)
+        for encoder in self.text_encoders.values():
+            encoder.to(device)
         return self
 
 
-def load_model(spec: str, steps: int, device=None) -> LoadedModel:
-    """Resolve, check and load --model; `steps` is checked against its training timesteps.
-    The UNet and text encoder go to `device` (a torch.device; None: the CPU), where everything
-    torch does with them runs; the VAE decoder stays on the CPU, where the images are made."""
-    source = resolve_model(spec)
+def load_model(spec: str | ModelSource, steps: int, device=None) -> LoadedModel:
+    """Resolve (unless given resolved), check and load --model; `steps` is checked against its
+    training timesteps. The denoiser and text encoders go to `device` (a torch.device; None:
+    the CPU), where everything torch does with them runs; the VAE decoder stays on the CPU,
+    where the images are made."""
+    source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     sched_cfg = load_scheduler_config(source)
     train_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if steps > train_steps:
         raise UserError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
-    model = LoadedModel(source, load_unet(source), sched_cfg, load_vae(source), *load_text_parts(source))
+    model = LoadedModel(source, load_denoiser(source), sched_cfg, load_vae(source), *load_text_parts(source))
     return model.to(device) if device is not None else model

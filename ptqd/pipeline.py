@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -162,12 +162,14 @@ def run_export(req: ExportRequest) -> Path:
     # options first: torch (ptqd.devices) takes seconds to import
     req.calibration.validate()
     settings = engine_settings(req.backend, req.batch)
+    source = resolve_model(req.calibration.model)   # configs only: its family's defaults fill the request
+    req = replace(req, calibration=req.calibration.for_model(source.family))
     from ptqd.devices import resolve_device
 
     device = resolve_device(req.device)  # refused even where the output is up to date
     ledger = StageLedger(req.out if (req.out / MANIFEST).is_file() else None)
     if ledger.old:
-        redo = stages_to_redo(req, resolve_model(req.calibration.model).sha256, ledger)
+        redo = stages_to_redo(req, source.sha256, ledger)
         if not redo:
             click.echo(f"{req.out} is up to date: every stage's inputs are unchanged, nothing to do")
             return req.out
@@ -176,7 +178,7 @@ def run_export(req: ExportRequest) -> Path:
                             "pass --force to replace it")
     else:
         check_output_dir(req.out, req.force)
-    model = load_model(req.calibration.model, req.calibration.steps, device)
+    model = load_model(source, req.calibration.steps, device)
     click.echo(f"model {model.source.spec} (sha256 {model.source.sha256[:12]}), torch on {device}")
     run_stage = {
         "calibrate": lambda root: stage_calibrate(root / CALIBRATION_DIR, req.calibration, model),
@@ -217,6 +219,8 @@ def _previous_engines(ledger) -> str:
 def run_calibrate(req: CalibrationRequest, out: Path, force: bool, device: str = "auto") -> Path:
     """`ptqd calibrate`: OUT/calibration alone, replacing an old one only with --force; torch
     runs on `device` (--device)."""
+    from ptqd.model import resolve_model
+
     req.validate()  # options and the output first: torch (ptqd.devices) takes seconds to import
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; give a directory path")
@@ -225,9 +229,11 @@ def run_calibrate(req: CalibrationRequest, out: Path, force: bool, device: str =
         raise UserError(f"{target} exists; pass --force to recalibrate")
     if not out.absolute().parent.exists():
         raise UserError(f"cannot create output {out}: {out.absolute().parent} does not exist")
+    source = resolve_model(req.model)
+    req = req.for_model(source.family)
     from ptqd.devices import resolve_device
 
-    model = load_model(req.model, req.steps, resolve_device(device))
+    model = load_model(source, req.steps, resolve_device(device))
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:

@@ -13,8 +13,8 @@ import numpy as np
 from ptqd.runtime.conditioning import runtime_conditioner
 from ptqd.runtime.sampler import MinBatch, Sampler
 from ptqd.errors import UserError
-from ptqd.runtime.layout import (CALIBRATION_DIR, ENGINES_DIR, ONNX_DIR, SCHEDULER_DIR, SPEC_FILE,
-                                 TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_path)
+from ptqd.runtime.layout import (CALIBRATION_DIR, DENOISER_ROLE, ENGINES_DIR, ONNX_DIR, SCHEDULER_DIR, SPEC_FILE,
+                                 TEXT_ENCODER_ROLE, VAE_DECODER_ROLE, deployment, graph_path)
 from ptqd.output import atomic_write_bytes, check_output_file
 
 DEFAULT_STEPS = 50
@@ -40,6 +40,7 @@ class SampleRequest:
     conditions: tuple = ()  # conditional models: prompts or class labels (image j uses item j % len)
     cuda_graph: bool = False  # tensorrt: capture each engine's work per input shape, then replay it
     device: str = "auto"      # --backend torch: where torch runs (devices.resolve_device)
+    negative_prompt: str | None = None   # text models: the unconditional prompt (None: the model's default)
 
 
 def _torch_device(req: SampleRequest):
@@ -59,6 +60,8 @@ def run_sample(req: SampleRequest) -> np.ndarray:
         _torch_device(req)   # a device torch cannot use: refused before anything is loaded
     if req.cuda_graph and req.backend != "tensorrt":
         raise UserError(f"--cuda-graph applies to --backend tensorrt, not {req.backend}")
+    if req.negative_prompt is not None and any(isinstance(c, int) for c in req.conditions):
+        raise UserError("--negative-prompt applies to text-conditioned models, not to --class")
     for target in (req.npy, req.grid):
         if target is not None:
             check_output_file(target, req.force)
@@ -86,10 +89,11 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
     spec = pipeline_spec(model, None, ())
     if not spec.conditional and req.conditions:
         raise UserError(f"model {model.source.spec!r} is unconditional: --prompt and --class do not apply")
+    _check_negative_prompt(spec, req)
     if req.backend == "torch":
         from ptqd.calibration.trajectory import sample_torch_fp
 
-        return sample_torch_fp(model.unet, model.scheduler_config, steps, eta, req.num, req.seed,
+        return sample_torch_fp(model.denoiser, model.scheduler_config, steps, eta, req.num, req.seed,
                                req.batch_size or DEFAULT_BATCH, conditioner=_torch_conditioner(model, spec, req),
                                decoder=vae_decoder_fn(model.vae))
     if spec.conditional or spec.latent:
@@ -101,7 +105,7 @@ def sample_full_precision(req: SampleRequest) -> np.ndarray:
 
         schedule = _schedule(model, steps, eta, ["fp32"] * steps, None)
         with tempfile.TemporaryDirectory(prefix="ptqd-sample-") as tmp:
-            engine = OnnxRuntimeUNet(export_fp_onnx(model.unet, Path(tmp) / "unet_fp32.onnx"))
+            engine = OnnxRuntimeUNet(export_fp_onnx(model.denoiser, Path(tmp) / "denoiser_fp32.onnx"))
         return _generate(Sampler(schedule, {"fp32": engine}, req.batch_size or DEFAULT_BATCH), req)
     raise UserError("--backend tensorrt runs an exported output's engines: give OUT "
                     "(made by export-trt)")
@@ -111,14 +115,19 @@ def _schedule(model, steps, eta, configs, corrections):
     from ptqd.conditions import latent_shape
     from ptqd.ddim import build_schedule
 
-    return build_schedule(model.scheduler_config, steps, eta, latent_shape(model.unet), configs, corrections)
+    return build_schedule(model.scheduler_config, steps, eta, latent_shape(model.denoiser), configs, corrections)
+
+
+def _check_negative_prompt(spec, req: SampleRequest) -> None:
+    if req.negative_prompt is not None and spec.kind != "text":
+        raise UserError(f"--negative-prompt applies to text-conditioned models; this one is {spec.kind}")
 
 
 def _torch_conditioner(model, spec, req: SampleRequest):
     from ptqd.conditions import torch_conditioner
 
     try:
-        return torch_conditioner(model, spec, spec.check_conditions(req.conditions))
+        return torch_conditioner(model, spec, spec.check_conditions(req.conditions), req.negative_prompt)
     except ValueError as exc:
         raise UserError(f"--prompt/--class: {exc}") from None
 
@@ -172,33 +181,36 @@ def _sample_output_torch(req, doc, configs, corrections):
     schedule = _schedule(model, doc["num_inference_steps"], doc["eta"], configs, corrections)
     engines = _torch_engines(model, req.out / CALIBRATION_DIR, set(configs))
     spec = calibrated_spec(model, doc)
+    _check_negative_prompt(spec, req)
     return Sampler(schedule, engines, req.batch_size or DEFAULT_BATCH, _torch_conditioner(model, spec, req),
                    vae_decoder_fn(model.vae))
 
 
 def _sample_output_engines(req, doc, configs, corrections):
-    """The deployed path: engines and the folded schedule file, no torch in the loop."""
+    """The deployed path: the deployment's engines and the folded schedule file; neither torch
+    nor diffusers is imported."""
     from ptqd.runtime.conditioning import guided_batch
     from ptqd.runtime.schedule import FoldedSchedule
+    from ptqd.runtime.timeline import refold
 
     sched_dir = req.out / SCHEDULER_DIR
     if not sched_dir.is_dir():
         raise UserError(f"{req.out} has no {SCHEDULER_DIR}/: run `ptqd export {req.out}` first")
     schedule = FoldedSchedule.load(sched_dir)
     if req.precision != "mixed" or not req.correction:
-        # an ablation, not the deployed table: fold it afresh from the model's scheduler config
-        from ptqd.ddim import build_schedule
-        from ptqd.model import load_scheduler_config, resolve_model
-
-        sched_cfg = load_scheduler_config(resolve_model(doc["model"]))
-        schedule = build_schedule(sched_cfg, doc["num_inference_steps"], doc["eta"],
-                                  schedule.sample_shape, configs, corrections)
+        # an ablation, not the deployed table: the same DDIM steps folded afresh
+        schedule = refold(schedule, configs, corrections)
     spec = _pipeline_spec(sched_dir)
+    _check_negative_prompt(spec, req)
     batch_size = _engine_batch_size(req, 2 if spec.guided else 1)
     plans = _tensorrt_engine_set(req) if req.backend == "tensorrt" else None
-    engines = {cfg: _engine(req.out, cfg, req.backend, req.graph, plans) for cfg in sorted(set(configs))}
-    conditioner = _runtime_conditioner(spec, req, sched_dir, plans)
-    decoder = _extra_engine(req.out, "vae_decoder", req.backend, plans) if spec.latent else None
+    graphs = deployment(spec, schedule.sample_shape, sorted(set(configs)))
+    engines = {g.config: _engine(req.out, g, req.backend, req.graph, spec.denoiser, plans)
+               for g in graphs if g.role == DENOISER_ROLE}
+    encoders = {g.name: _extra_engine(req.out, g, req.backend, plans) for g in graphs if g.role == TEXT_ENCODER_ROLE}
+    conditioner = _runtime_conditioner(spec, req, sched_dir, encoders)
+    decoder = next((_extra_engine(req.out, g, req.backend, plans) for g in graphs if g.role == VAE_DECODER_ROLE),
+                   None)
     return Sampler(schedule, engines, batch_size if req.batch_size else guided_batch(batch_size, spec),
                    conditioner, decoder)
 
@@ -235,67 +247,63 @@ def _pipeline_spec(sched_dir: Path):
                         "`ptqd verify` checks the output") from None
 
 
-def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path, plans=None):
+def _runtime_conditioner(spec, req: SampleRequest, sched_dir: Path, encoders: dict):
     try:
         spec.check_conditions(req.conditions)
     except ValueError as exc:
         raise UserError(f"--prompt/--class: {exc}") from None
-    encoder = _extra_engine(req.out, "text_encoder", req.backend, plans) if spec.kind == "text" else None
     try:
-        return runtime_conditioner(spec, req.conditions, sched_dir / TOKENIZER_DIR, encoder)
+        return runtime_conditioner(spec, req.conditions, sched_dir, encoders, req.negative_prompt)
     except Exception as exc:  # a missing or damaged tokenizer: OSError, tokenizers' own exceptions
-        raise UserError(f"{sched_dir / TOKENIZER_DIR} does not load ({type(exc).__name__}); "
+        folders = ", ".join(str(sched_dir / e["tokenizer"]) for e in spec.text_encoders)
+        raise UserError(f"{folders} does not load ({type(exc).__name__}); "
                         "`ptqd verify` checks the output, `ptqd export --force` rewrites it") from None
 
 
 def _tensorrt_engine_set(req: SampleRequest):
-    """The plans' owner: one stream and one activation buffer for the UNets, the decoder and
-    the text encoder, which the sampler runs one after another."""
+    """The plans' owner: one stream and one activation buffer for the denoisers, the decoder
+    and the text encoders, which the sampler runs one after another."""
     from ptqd.engines.tensorrt import EngineSet
 
     return EngineSet(cuda_graph=req.cuda_graph)
 
 
-def _extra_engine(out: Path, name: str, backend: str, plans=None):
-    """The VAE decoder or text encoder: its plan with --backend tensorrt (loaded into the
-    sampler's EngineSet `plans`), else its FP32 graph."""
+def _plan(out: Path, graph, plans, kind=None):
+    plan = out / ENGINES_DIR / graph.plan_name
+    if not plan.is_file():
+        raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
+                        f"or {out / ENGINES_DIR / 'build_engines.sh'}")
+    engine = plans.load(plan, kind)
+    return MinBatch(engine, engine.batch_range[0])  # a last, smaller chunk is padded
 
-    if backend == "tensorrt":
-        plan = out / ENGINES_DIR / f"{name}.plan"
-        if not plan.is_file():
-            raise UserError(f"{plan} is missing: build it with {out / ENGINES_DIR / 'build_engines.sh'}")
-        graph = plans.load(plan)
-        return MinBatch(graph, graph.batch_range[0])  # one image may be below the profile's minimum
-    from ptqd.runtime.onnxruntime import OnnxRuntimeGraph
 
-    path = out / ONNX_DIR / {"vae_decoder": VAE_DECODER_GRAPH, "text_encoder": TEXT_ENCODER_GRAPH}[name]
+def _graph(path: Path, float_kernels: bool = False, denoiser: bool = False):
+    from ptqd.runtime.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
+
     if not path.is_file():
+        out = path.parent.parent
         raise UserError(f"{path} is missing: run `ptqd export {out}` (with --force to redo it)")
-    return OnnxRuntimeGraph(path)
+    return (OnnxRuntimeUNet if denoiser else OnnxRuntimeGraph)(path, float_kernels=float_kernels)
 
 
-def _engine(out: Path, cfg: str, backend: str, graph: str, plans=None):
+def _extra_engine(out: Path, graph, backend: str, plans=None):
+    """The VAE decoder or a text encoder: its plan with --backend tensorrt (loaded into the
+    sampler's EngineSet `plans`), else its FP32 graph."""
+    return _plan(out, graph, plans) if backend == "tensorrt" else _graph(out / ONNX_DIR / graph.cpu_graph)
+
+
+def _engine(out: Path, graph, backend: str, flavour: str, denoiser: str, plans=None):
     """onnxruntime: the CPU-fast graph (fused integer kernels, 8-bit output rounding on top)
     or the reference graph (the fake-quant model's exact twin); tensorrt: the built plan,
     loaded into the sampler's EngineSet `plans`."""
-
     if backend == "tensorrt":
         from ptqd.engines.tensorrt import TensorRTUNet
 
-        plan = out / ENGINES_DIR / f"unet_{cfg}.plan"
-        if not plan.is_file():
-            raise UserError(f"{plan} is missing: build it with `ptqd build {out} --backend tensorrt` "
-                            f"or {out / ENGINES_DIR / 'build_engines.sh'}")
-        unet = plans.load(plan, TensorRTUNet)
-        return MinBatch(unet, unet.batch_range[0])  # a last, smaller chunk is padded
-    from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
-
-    flavour = "cpu-fast" if graph == "fast" else "onnxruntime"
-    path = graph_path(out / ONNX_DIR, cfg, flavour)
-    if not path.is_file():
-        raise UserError(f"{path} is missing: run `ptqd export {out}` (with --force to redo it)")
+        return _plan(out, graph, plans, TensorRTUNet)
+    if flavour == "fast":
+        return _graph(out / ONNX_DIR / graph.cpu_graph, denoiser=True)
     # the reference is fake-quant's twin only with float kernels (runtime.onnxruntime.session_options)
-    return OnnxRuntimeUNet(path, float_kernels=graph == "reference")
+    return _graph(graph_path(out / ONNX_DIR, graph.config, "onnxruntime", denoiser), True, denoiser=True)
 
 
 def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:
@@ -307,8 +315,8 @@ def _torch_engines(model, calibration_dir: Path, configs: set[str]) -> dict:
     params = load_params(calibration_dir)
     engines = {}
     for cfg in configs:
-        unet = model.unet if cfg == FLOAT_CONFIG else fake_quant_unet(model.unet, params[cfg])
-        engines[cfg] = TorchUNetEngine(unet)
+        denoiser = model.denoiser if cfg == FLOAT_CONFIG else fake_quant_unet(model.denoiser, params[cfg])
+        engines[cfg] = TorchUNetEngine(denoiser)
     return engines
 
 

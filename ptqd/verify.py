@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 from ptqd.errors import UserError
-from ptqd.runtime.layout import GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, TOKENIZER_DIR, graph_files, graph_path
+from ptqd.runtime.conditioning import PipelineSpec
+from ptqd.runtime.layout import (DENOISER_ROLE, GRAPH_FILES, ORT_MANIFEST, SCHEDULE_FILE, SPEC_FILE, deployment,
+                                 denoiser_model_name, graph_files, graph_path)
 from ptqd.output import MANIFEST, file_sha256, graph_sha256, is_artifact
 
 
@@ -44,6 +46,20 @@ def _load_json(out: Path, rel: str, problems: list[str]) -> dict | None:
         return None
 
 
+def _spec(out: Path) -> PipelineSpec:
+    """OUT's pipeline.json (an unreadable one: the default; _check_pipeline_spec says so)."""
+    try:
+        return PipelineSpec.load(out / "scheduler")
+    except (OSError, ValueError, TypeError):
+        return PipelineSpec()
+
+
+def _graphs(out: Path, spec: PipelineSpec, configs: list[str]):
+    """The deployment of OUT's spec for `configs` (the sample shape from OUT's schedule)."""
+    table = _load_json(out, f"scheduler/{SCHEDULE_FILE}", []) or {}
+    return deployment(spec, table.get("sample_shape", []), configs)
+
+
 def check_consistency(out: Path, manifest: dict) -> list[str]:
     problems: list[str] = []
     doc = _load_json(out, "calibration/ptqd.json", problems)
@@ -52,9 +68,10 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
     if manifest.get("model_sha256") and doc.get("model_sha256") != manifest["model_sha256"]:
         problems.append("calibration/ptqd.json: made from another model than manifest.json records")
     scheduled = sorted({s["config"] for s in doc.get("steps", [])})
+    spec = _spec(out)
     for cfg in doc.get("configs", {}):
         for flavour in GRAPH_FILES:
-            path = graph_path(out / "onnx", cfg, flavour)
+            path = graph_path(out / "onnx", cfg, flavour, spec.denoiser)
             if (out / "onnx").is_dir() and not path.is_file():
                 problems.append(f"onnx/{path.name}: missing for calibrated configuration {cfg}")
     table = _load_json(out, "scheduler/ptqd_schedule.json", problems)
@@ -68,19 +85,17 @@ def check_consistency(out: Path, manifest: dict) -> list[str]:
                 problems.append(f"scheduler/ptqd_schedule.json: step {s_cal['index']} k {s_table['k']} "
                                 f"!= calibration's {s_cal['k']}")
                 break
-    problems += _check_pipeline_spec(out, doc)
+    problems += _check_pipeline_spec(out, doc, spec)
     engines = _load_json(out, f"engines/{ORT_MANIFEST}", problems)
-    if engines is not None and sorted(k for k in engines.get("engines", {}) if k not in EXTRA_ENGINES) != scheduled:
+    # beside the denoiser's engines (keyed by configuration): the decoder's and encoders' (by name)
+    extra = {g.name for g in _graphs(out, spec, []) if g.role != DENOISER_ROLE}
+    if engines is not None and sorted(k for k in engines.get("engines", {}) if k not in extra) != scheduled:
         problems.append(f"engines/{ORT_MANIFEST}: engines for {sorted(engines['engines'])}, "
                         f"the schedule uses {scheduled}")
-    problems += _check_plans(out, scheduled)
+    problems += _check_plans(out, scheduled, spec.denoiser)
     if (out / "triton").is_dir():
-        problems += check_triton(out, scheduled)
+        problems += check_triton(out, scheduled, spec)
     return problems
-
-
-# engines beside the UNets' (latent / text-conditioned models), keyed by name, not configuration
-EXTRA_ENGINES = ("vae_decoder", "text_encoder")
 
 
 def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
@@ -94,11 +109,11 @@ def _same_file(out: Path, copy: Path, original: Path) -> list[str]:
     return [p for c in graph_files(original)[1:] for p in _same_file(out, copy.parent / c.name, c)]
 
 
-def check_triton(out: Path, scheduled: list[str]) -> list[str]:
+def check_triton(out: Path, scheduled: list[str], spec: PipelineSpec) -> list[str]:
     """Every config.pbtxt as Triton parses it; the repository runs the schedule, graphs and
     plans that the other stages hold (a rebuild without a redeploy shows up here)."""
     from ptqd.deploy.model_config import CONFIG_FILE, parse_config
-    from ptqd.deploy.repository import SAMPLER, model_files
+    from ptqd.deploy.repository import SAMPLER, copy_spec_files
 
     problems, configs = [], {}
     for path in sorted((out / "triton").glob(f"*/{CONFIG_FILE}")):
@@ -116,9 +131,10 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
     version = out / "triton" / SAMPLER / "1"
     problems += _same_file(out, version / SCHEDULE_FILE, out / "scheduler" / SCHEDULE_FILE)
     unets = sampler.parameters["unets"].string_value if "unets" in sampler.parameters else ""
-    spec = _load_json(out, f"scheduler/{SPEC_FILE}", []) or {}   # unreadable: _check_pipeline_spec says so
-    problems += _same_triton_copies(out, version, SPEC_FILE, TOKENIZER_DIR)
-    for name, (plan, graph) in model_files(out, scheduled, spec.get("latent", False), spec.get("kind") == "text").items():
+    for original, copy in copy_spec_files(out / "scheduler", version, spec):
+        problems += _same_file(out, copy, original)
+    for g in _graphs(out, spec, scheduled):
+        name, plan, graph = g.name, out / "engines" / g.plan_name, out / "onnx" / g.cpu_graph
         if unets == "in-process":
             problems += _same_file(out, version / "onnx" / graph.name, graph)
         elif name not in configs:
@@ -130,37 +146,26 @@ def check_triton(out: Path, scheduled: list[str]) -> list[str]:
     return problems
 
 
-def _check_pipeline_spec(out: Path, doc: dict) -> list[str]:
+def _check_pipeline_spec(out: Path, doc: dict, spec: PipelineSpec) -> list[str]:
     """A conditional / latent model's pipeline.json against the calibration and the graphs."""
     problems: list[str] = []
-    spec = _load_json(out, f"scheduler/{SPEC_FILE}", problems)
+    raw = _load_json(out, f"scheduler/{SPEC_FILE}", problems)
     cond = doc.get("conditioning") or {}
-    if spec is None:
+    if raw is None:
         kind = cond.get("kind", "unconditional")
         if problems or kind == "unconditional" or not (out / "scheduler").is_dir():
             return problems
         return [f"scheduler/{SPEC_FILE}: missing, calibration/ptqd.json is for a {kind}-conditioned model"]
-    if spec.get("guidance_scale") != cond.get("guidance_scale", 1.0):
-        problems.append(f"scheduler/{SPEC_FILE}: guidance scale {spec.get('guidance_scale')} differs from the "
+    if spec.guidance_scale != cond.get("guidance_scale", 1.0):
+        problems.append(f"scheduler/{SPEC_FILE}: guidance scale {spec.guidance_scale} differs from the "
                         f"{cond.get('guidance_scale')} calibration/ptqd.json was calibrated with")
-    parts = (["vae_decoder"] if spec.get("latent") else []) + (["text_encoder"] if spec.get("kind") == "text" else [])
-    needed = [f"{p}.onnx" for p in parts] + (["vae_decoder.fp16.onnx"] if spec.get("latent") else [])
+    needed = dict.fromkeys(name for g in _graphs(out, spec, []) for name in (g.cpu_graph, g.tensorrt_graph))
     problems += [f"onnx/{name}: missing, scheduler/{SPEC_FILE} needs it" for name in needed
                  if (out / "onnx").is_dir() and not (out / "onnx" / name).is_file()]
     return problems
 
 
-def _same_triton_copies(out: Path, version: Path, spec_file: str, tokenizer_dir: str) -> list[str]:
-    """A conditional / latent model's pipeline.json and tokenizer, as the sampler model holds them."""
-    problems = []
-    if (out / "scheduler" / spec_file).is_file():
-        problems += _same_file(out, version / spec_file, out / "scheduler" / spec_file)
-    for f in sorted((out / "scheduler" / tokenizer_dir).glob("*")):
-        problems += _same_file(out, version / tokenizer_dir / f.name, f)
-    return problems
-
-
-def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
+def _check_plans(out: Path, scheduled: list[str], denoiser: str) -> list[str]:
     problems = []
     plans = sorted((out / "engines").glob("*.plan")) if (out / "engines").is_dir() else []
     for plan in plans:
@@ -180,8 +185,9 @@ def _check_plans(out: Path, scheduled: list[str]) -> list[str]:
                                 f"this machine has {tensorrt.__version__}")
         except ImportError:
             pass
-    unets = [p for p in plans if p.stem.startswith("unet_")]
-    if unets and sorted(p.stem.removeprefix("unet_") for p in unets) != scheduled:
+    prefix = denoiser_model_name(denoiser, "")
+    unets = [p for p in plans if p.stem.startswith(prefix)]
+    if unets and sorted(p.stem.removeprefix(prefix) for p in unets) != scheduled:
         problems.append(f"engines/: plans for {[p.stem for p in plans]}, the schedule uses {scheduled}")
     return problems
 

@@ -32,9 +32,9 @@ def builtin_source():
 
 @pytest.fixture(scope="session")
 def builtin_unet(builtin_source):
-    from ptqd.model import load_unet
+    from ptqd.model import load_denoiser
 
-    return load_unet(builtin_source)
+    return load_denoiser(builtin_source)
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +128,37 @@ def tiny_class_export(tmp_path_factory):
                      entry="export-trt")
     assert result.returncode == 0, result.stderr
     return out
+
+
+FAMILY_STEPS = 10
+
+
+def _family_export(tmp_path_factory, kind: str, *extra: str) -> Path:
+    """The issue's command on a tiny random-weight pipeline of one model family, built in code
+    with diffusers' own pipeline classes: export-trt --model <it> --bits 4 --steps 10 (8
+    trajectories, no report, no sensitivity map: the digits and text exports measure those)."""
+    from ptqd.builtin.tiny_pipelines import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp(f"tiny-{kind}")
+    model = build_tiny_pipeline(kind, root / f"tiny-{kind}")
+    out = root / "out"
+    result = run_cli("--model", str(model), "--bits", "4", "--steps", str(FAMILY_STEPS), "--calib-samples", "8",
+                     "--no-report", "--no-sensitivity", *extra, "--output", str(out), entry="export-trt")
+    assert result.returncode == 0, result.stderr
+    (root / "export-trt.log").write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_export(tmp_path_factory):
+    return _family_export(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_export(tmp_path_factory):
+    return _family_export(tmp_path_factory, "dit", "--classes", "1,2,3,500")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_export(tmp_path_factory):
+    return _family_export(tmp_path_factory, "pixart")

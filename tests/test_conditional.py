@@ -29,8 +29,8 @@ def _inputs(path):
 
 def _runtime_conditioner(out, conditions=()):
     spec = PipelineSpec.load(out / "scheduler")
-    encoder = OnnxRuntimeGraph(out / "onnx" / "text_encoder.onnx") if spec.kind == "text" else None
-    return spec, runtime_conditioner(spec, conditions, out / "scheduler" / "tokenizer", encoder)
+    encoders = {e["name"]: OnnxRuntimeGraph(out / "onnx" / f"{e['name']}.onnx") for e in spec.text_encoders}
+    return spec, runtime_conditioner(spec, conditions, out / "scheduler", encoders)
 
 
 def test_text_export_writes_conditioned_unet_graphs_decoder_encoder_and_scheduler(tiny_text_export):
@@ -88,9 +88,9 @@ def test_guided_onnxruntime_matches_torch_fake_quant(tiny_text_export):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 8, 8, generator=gen).numpy()
     t = np.array([961.0, 701.0, 301.0, 21.0], dtype=np.float32)
-    fp = Guided(TorchUNetEngine(model.unet), cond, uncond, spec.guidance_scale)(x, t)
+    fp = Guided(TorchUNetEngine(model.denoiser), cond, uncond, spec.guidance_scale)(x, t)
     for cfg, quant in load_params(out / "calibration").items():
-        torch_q = Guided(TorchUNetEngine(fake_quant_unet(model.unet, quant)), cond, uncond, spec.guidance_scale)(x, t)
+        torch_q = Guided(TorchUNetEngine(fake_quant_unet(model.denoiser, quant)), cond, uncond, spec.guidance_scale)(x, t)
         onnx_q = Guided(OnnxRuntimeUNet(graph_path(out / "onnx", cfg, "onnxruntime"), float_kernels=True), cond, uncond,
                         spec.guidance_scale)(x, t)
         quant_effect = np.abs(torch_q - fp).mean()
@@ -102,7 +102,7 @@ def test_guided_onnxruntime_matches_torch_fake_quant(tiny_text_export):
     assert len(cross) >= 3
     for layer in cross:
         single = ConfigQuant(quant.config, {layer: quant.layers[layer]})
-        expected = TorchUNetEngine(fake_quant_unet(model.unet, single))(x, t, **cond)
+        expected = TorchUNetEngine(fake_quant_unet(model.denoiser, single))(x, t, **cond)
         graph = insert_qdq(fp_graph, single, ONNXRUNTIME)
         path = out.parent / "single.onnx"
         onnx.save(graph, str(path))

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from ptqd.errors import UserError
-from ptqd.model import load_scheduler_config, load_unet, resolve_model
+from ptqd.model import load_scheduler_config, load_denoiser, resolve_model
 from tests.conftest import assert_user_error, run_cli
 
 
 def test_builtin_model_loads_offline_as_a_diffusers_pipeline(builtin_source):
     from diffusers import DDIMPipeline
 
-    pipe = DDIMPipeline.from_pretrained(str(builtin_source.unet_dir.parent))
+    pipe = DDIMPipeline.from_pretrained(str(builtin_source.denoiser_dir.parent))
     assert pipe.unet.config.in_channels == 1
     assert builtin_source.builtin and builtin_source.extras_dir is not None
     assert len(builtin_source.sha256) == 64
@@ -25,7 +25,7 @@ def test_pipeline_folder_and_flat_unet_folder_give_the_same_model(model_copy, tm
     a, b = resolve_model(str(model_copy)), resolve_model(str(flat))
     assert a.sha256 == b.sha256 == resolve_model("digits").sha256
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10.0, 900.0])
-    assert torch.equal(load_unet(a)(x, t).sample, load_unet(b)(x, t).sample)
+    assert torch.equal(load_denoiser(a)(x, t).sample, load_denoiser(b)(x, t).sample)
 
 
 @pytest.mark.parametrize("setup, fragment", [
@@ -54,7 +54,7 @@ def test_corrupted_weights_are_a_user_error(model_copy):
     weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot load UNet weights"):
-        load_unet(resolve_model(str(model_copy)))
+        load_denoiser(resolve_model(str(model_copy)))
 
 
 def test_v_prediction_scheduler_is_refused(model_copy):

@@ -1,10 +1,13 @@
-"""Train the built-in model: a DDPM UNet and a digit classifier on scikit-learn's digits.
+"""Train the built-in models on scikit-learn's digits: a DDPM UNet (`digits`) with the digit
+classifier that judges both, and a class-conditional diffusion transformer (`digits-dit`).
 
     python -m ptqd.builtin.train --output ptqd/builtin/digits-ddpm
+    python -m ptqd.builtin.train --model digits-dit --steps 12000 --output ptqd/builtin/digits-dit
 
 Seeded and CPU-only, so a rerun on the same torch build reproduces the shipped weights.
-The result is a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/) plus
-classifier/ with the judge network that the evaluation uses.
+`digits` is a diffusers DDIMPipeline folder (model_index.json, unet/, scheduler/) plus
+classifier/ with the judge network the evaluation uses; `digits-dit` is transformer/ and
+scheduler/ with the class bookkeeping in model_index.json, judged by that same classifier.
 """
 from __future__ import annotations
 
@@ -37,6 +40,25 @@ def build_unet():
     )
 
 
+# digits-dit: 10 digit classes, and the extra label DiT's class embedding learns as "no class"
+# (trained by dropping labels), which classifier-free guidance feeds the unconditional half
+NUM_CLASSES = 10
+LABEL_DROP = 0.1
+DIT_PIPELINE = "PTQDClassConditionalPipeline"
+
+
+def build_dit():
+    from diffusers import DiTTransformer2DModel
+
+    # DiT's block (adaLN-Zero, patchified, class label through the adaLN embedding) at a size
+    # that trains on 2 CPU cores: 64 tokens of width 128 (patch 2 on 16x16), 6 blocks, 2.1 M
+    # parameters. No learned variance: DDIM never reads it.
+    return DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=6,
+        sample_size=IMAGE_SIZE, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_num_groups=8,
+    )
+
+
 def build_scheduler():
     from diffusers import DDIMScheduler
 
@@ -54,37 +76,54 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_unet(images: torch.Tensor, steps: int, batch: int, seed: int):
+def train_denoiser(build, images: torch.Tensor, labels: torch.Tensor | None, steps: int, batch: int,
+                   seed: int, peak_lr: float, warmup: int):
+    """eps-prediction training with AdamW, a warmup + cosine learning rate and an EMA copy.
+    With `labels`, the model is class-conditional (DiT's call) and a whole sample's label is
+    dropped to the null class with probability LABEL_DROP, so guidance has an unconditional
+    model to push against."""
     from diffusers import DDPMScheduler
+    from diffusers.models.embeddings import LabelEmbedding
 
     torch.manual_seed(seed)
-    unet = build_unet()
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    model = build()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model.train()
+    for module in model.modules():
+        # diffusers drops labels inside every DiT block independently; here a sample is either
+        # conditional in all blocks or in none, as it is when sampled with guidance
+        if isinstance(module, LabelEmbedding):
+            module.eval()
     noise_sched = DDPMScheduler.from_config(build_scheduler().config)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     data = images * 2.0 - 1.0
     start, running = time.time(), None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
+            group["lr"] = lr_at(step, steps, peak_lr, warmup)
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x0 = data[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if labels is None:
+            pred = model(xt, t).sample
+        else:
+            drop = torch.rand(batch, generator=gen) < LABEL_DROP
+            pred = model(xt, t, torch.where(drop, NUM_CLASSES, labels[idx])).sample
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1.0 - 0.999)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 250 == 0 or step == steps - 1:
-            print(f"unet step {step:5d}/{steps}  loss {running:.4f}  {time.time() - start:7.1f}s",
-                  flush=True)
+            print(f"{type(model).__name__} step {step:5d}/{steps}  loss {running:.4f}  "
+                  f"{time.time() - start:7.1f}s", flush=True)
     return ema.eval(), time.time() - start
 
 
@@ -127,28 +166,53 @@ def save(output: Path, unet, classifier, info: dict) -> None:
     (output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def save_dit(output: Path, transformer, info: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(output / "transformer")
+    build_scheduler().save_pretrained(output / "scheduler")
+    # no diffusers pipeline class fits a pixel-space DiT (DiTPipeline decodes with a VAE): the
+    # components are listed by hand, with the classes and the null class, as for class UNets
+    (output / "model_index.json").write_text(json.dumps({
+        "_class_name": DIT_PIPELINE, "_diffusers_version": info["diffusers"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "num_classes": NUM_CLASSES, "null_class": NUM_CLASSES,
+    }, indent=2) + "\n")
+    (output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+# per built-in model: what is built, its training steps, peak learning rate and warmup (the
+# UNet's as its shipped weights were trained; a transformer wants a lower peak, a longer warmup)
+MODELS = {"digits": (build_unet, 5000, 1e-3, 200), "digits-dit": (build_dit, 12000, 5e-4, 500)}
+
+
 def main(argv=None) -> None:
     import diffusers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="digits")
     ap.add_argument("--output", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=None, help="training steps [default: per model]")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    build, default_steps, peak_lr, warmup = MODELS[args.model]
+    steps = args.steps or default_steps
     images_np, labels_np = load_digits_images()
     images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np)
-    unet, unet_seconds = train_unet(images, args.steps, args.batch, args.seed)
+    conditional = args.model == "digits-dit"
+    model, seconds = train_denoiser(build, images, labels if conditional else None, steps, args.batch, args.seed,
+                                    peak_lr, warmup)
+    info = {"seed": args.seed, "steps": steps, "batch": args.batch, "peak_lr": peak_lr,
+            "train_seconds": round(seconds, 1), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "threads": args.threads, "numpy": np.__version__}
+    if conditional:
+        save_dit(args.output, model, {**info, "label_drop": LABEL_DROP})
+        return
     classifier, acc = train_classifier(images, labels, args.seed)
     print(f"classifier held-out accuracy {acc:.3f}")
-    save(args.output, unet, classifier, {
-        "seed": args.seed, "steps": args.steps, "batch": args.batch,
-        "unet_train_seconds": round(unet_seconds, 1), "classifier_holdout_accuracy": round(acc, 4),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-        "numpy": np.__version__,
-    })
+    save(args.output, model, classifier, {**info, "classifier_holdout_accuracy": round(acc, 4)})
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ from ptqd.errors import UserError
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACT_BITS = (4, 8)
 FLOAT_CONFIG = "fp32"
-# PTQD, Q-Diffusion and NVIDIA's recipes keep these in float: the first and last conv see
-# the raw image and produce eps directly, and the time embedding feeds every block.
-DEFAULT_KEEP = ("conv_in", "conv_out", "time_embedding.*")
 DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_CALIB_BATCH = 64   # samples per UNet call in calibration (--calib-batch)
 # Mixed precision by default: spend up to 25 % more BOPs than the base configuration on

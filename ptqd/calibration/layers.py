@@ -10,6 +10,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ptqd.devices import module_device, to_device
+from ptqd.families import family_of_module
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 # arithmetic with a Python number (diffusers' `/ output_scale_factor`) becomes a constant in the
@@ -49,7 +50,7 @@ def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
 def _one_sample(unet: nn.Module, sample_shape: tuple[int, ...], conditioning: dict | None) -> tuple[tuple, dict]:
     device = module_device(unet)
     extra = {k: to_device(v[:1], device) for k, v in (conditioning or {}).items()}
-    return (torch.zeros(1, *sample_shape, device=device), torch.tensor([500.0], device=device)), extra
+    return (unet, torch.zeros(1, *sample_shape, device=device), torch.tensor([500.0], device=device)), extra
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
         hooks.append(module.register_forward_hook(hook))
     args, kwargs = _one_sample(unet, sample_shape, conditioning)
     try:
-        unet(*args, **kwargs)
+        family_of_module(unet).forward(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -163,9 +164,10 @@ def measure_float_ops(unet: nn.Module, sample_shape: tuple[int, ...],
                   module.register_forward_hook(leave)]
     mode = _Traffic(stack)
     args, kwargs = _one_sample(unet, sample_shape, conditioning)   # made outside the count: not the model's work
+    forward = family_of_module(unet).forward
     try:
         with mode:
-            unet(*args, **kwargs)
+            forward(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()

@@ -3,10 +3,10 @@ before anything heavy is imported or loaded: a mistyped option is refused in a f
 second, not after torch and the model have loaded. No torch here."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from ptqd.calibration.configs import (CORRECTIONS, DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_KEEP,
-                                      DEFAULT_POLICY, BitConfig, candidate_configs)
+from ptqd.calibration.configs import (CORRECTIONS, DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_POLICY,
+                                      BitConfig, candidate_configs)
 from ptqd.calibration.gpus import DEFAULT_GPU, format_peak, gpu_spec
 from ptqd.calibration.mixed_precision import Policy
 from ptqd.errors import UserError
@@ -29,7 +29,7 @@ class CalibrationRequest:
     mixed_precision: str = DEFAULT_POLICY
     correction: str = "auto"
     extra_configs: tuple[str, ...] = ()
-    keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
+    keep: tuple[str, ...] | None = None   # layers kept in float; None: the model family's default
     # conditional models: None = the kind's default (conditions.DEFAULT_GUIDANCE)
     guidance_scale: float | None = None
     conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
@@ -48,6 +48,11 @@ class CalibrationRequest:
         if self.weight_rounding is not None:
             return self.weight_rounding
         return "gptq" if self.base.weight_bits < 8 else "nearest"
+
+    def for_model(self, family) -> "CalibrationRequest":
+        """The request with the model family's defaults filled in (--keep), as it is recorded
+        and digested: a default and its explicit value are one calibration."""
+        return self if self.keep is not None else replace(self, keep=tuple(family.default_keep))
 
     def validate(self) -> tuple[BitConfig, Policy]:
         if self.format not in BASE_FORMATS:

@@ -63,8 +63,9 @@ def _step_noise(stats: list[StepStats], timeline, eta: float) -> list[float]:
 def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
     from ptqd.conditions import example_conditioning, latent_shape, pipeline_spec, torch_conditioner
 
+    req = req.for_model(model.family)
     base, policy = req.validate()
-    source, unet, sched_cfg = model.source, model.unet, model.scheduler_config
+    source, unet, sched_cfg = model.source, model.denoiser, model.scheduler_config
     spec = pipeline_spec(model, req.guidance_scale, req.conditions)
     conditioner = torch_conditioner(model, spec)
     configs = candidate_configs(base, list(req.extra_configs))

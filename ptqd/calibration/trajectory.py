@@ -13,6 +13,7 @@ import torch
 
 from ptqd.ddim import ddim_scheduler
 from ptqd.devices import module_device, to_device
+from ptqd.families import family_of_module
 from ptqd.runtime.conditioning import decode_images
 from ptqd.runtime.noise import SampleNoise
 
@@ -38,15 +39,18 @@ def ddim_trajectory(engine, scheduler_config: dict, steps: int, eta: float, nois
 
 
 class TorchUNetEngine:
-    """A torch UNet as a numpy engine for the shared sampler loop."""
+    """A torch denoiser (UNet or transformer, full precision or fake-quant) as a numpy engine
+    for the shared sampler loop: its family's call, its output as eps."""
 
     def __init__(self, unet: torch.nn.Module):
         self.unet, self.device = unet, module_device(unet)
+        self.family = family_of_module(unet)
 
     @torch.no_grad()
     def __call__(self, sample, timestep, **conditioning):
         extra = {k: to_device(v, self.device) for k, v in conditioning.items()}
-        out = self.unet(to_device(sample, self.device), to_device(timestep, self.device), **extra).sample
+        out = self.family.forward(self.unet, to_device(sample, self.device), to_device(timestep, self.device),
+                                  **extra)
         return out.cpu().numpy()
 
 

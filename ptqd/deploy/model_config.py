@@ -14,8 +14,10 @@ from ptqd.runtime.layout import Interface, Tensor
 CONFIG_FILE = "config.pbtxt"
 SAMPLER_INPUTS = {"seed": "TYPE_INT64", "num_images": "TYPE_INT32", "first_index": "TYPE_INT64"}
 SAMPLER_OUTPUT = "images"
-# conditional models: what a request conditions its images on (image j uses item j % count)
-CONDITION_INPUTS = {"prompt": "TYPE_STRING", "class_label": "TYPE_INT64"}
+# conditional models: what a request conditions its images on (image j uses item j % count),
+# per conditioning kind; a text model also takes an optional negative prompt (one, for every image)
+CONDITION_INPUTS = {"text": ("prompt", "TYPE_STRING"), "class": ("class_label", "TYPE_INT64")}
+NEGATIVE_PROMPT_INPUT = "negative_prompt"
 # Requests queue this long (µs) so concurrent samplers at the same step share one UNet batch.
 QUEUE_DELAY_US = 2000
 
@@ -95,17 +97,21 @@ def onnxruntime_model(name: str, io: Interface, profile: BatchProfile, threads: 
 
 
 def sampler(name: str, image_shape: list[int], instances: int, parameters: dict[str, str],
-            condition_input: str | None = None):
-    """The whole pipeline: (seed, num_images[, first_index][, prompt | class_label]) ->
-    images [num, C, H, W] in [0, 1]; a conditional model's conditions are optional, any count."""
+            kind: str = "unconditional"):
+    """The whole pipeline: (seed, num_images[, first_index][, prompt [, negative_prompt] |
+    class_label]) -> images [num, C, H, W] in [0, 1]; a conditional model's conditions are
+    optional, any count."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
     for input_name, dtype in SAMPLER_INPUTS.items():
         config.input.add(name=input_name, data_type=pb.DataType.Value(dtype), dims=[1],
                          optional=input_name == "first_index")
-    if condition_input is not None:
-        config.input.add(name=condition_input, data_type=pb.DataType.Value(CONDITION_INPUTS[condition_input]),
-                         dims=[-1], optional=True)
+    if kind in CONDITION_INPUTS:
+        condition_input, dtype = CONDITION_INPUTS[kind]
+        config.input.add(name=condition_input, data_type=pb.DataType.Value(dtype), dims=[-1], optional=True)
+    if kind == "text":
+        config.input.add(name=NEGATIVE_PROMPT_INPUT, data_type=pb.DataType.Value("TYPE_STRING"), dims=[1],
+                         optional=True)
     config.output.add(name=SAMPLER_OUTPUT, data_type=pb.DataType.Value("TYPE_FP32"),
                       dims=[-1, *image_shape])
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=instances)

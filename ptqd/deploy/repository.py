@@ -5,11 +5,14 @@ repository that `tritonserver --model-repository OUT/triton` serves with no edit
       ptqd_sampler/            Python backend: encode the prompt or class, the denoising loop with
         config.pbtxt           the folded PTQD schedule and guidance, decode
         1/model.py, 1/ptqd_schedule.json, 1/ptqd/runtime/...   (ptqd's numpy-only runtime, copied)
-        1/pipeline.json, 1/tokenizer/                   (conditional / latent models)
-        1/onnx/unet_<cfg>.cpu.onnx, vae_decoder.onnx, text_encoder.onnx   (--unets in-process only)
-      unet_<cfg>/              one per configuration the schedule uses (--unets tensorrt|onnxruntime)
+        1/pipeline.json, 1/tokenizer/ (1/tokenizer_2/)    (conditional / latent models)
+        1/onnx/<denoiser>_<cfg>.cpu.onnx, vae_decoder.onnx, text_encoder*.onnx   (--unets in-process only)
+      unet_<cfg>/              one per configuration the schedule uses (--unets tensorrt|onnxruntime);
+                               transformer_<cfg>/ for a diffusion transformer
         config.pbtxt, 1/model.plan (TensorRT) or 1/model.py + 1/model.onnx (onnxruntime)
-      vae_decoder/, text_encoder/   the same, FP32, for latent / text models
+      vae_decoder/, text_encoder/ (text_encoder_2/)   the same, for latent / text models
+
+The models are the deployment's graphs (runtime.layout.deployment), listed there once.
 
 The repository carries everything it runs, so it can be copied into the Triton image alone.
 """
@@ -24,8 +27,7 @@ import click
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
 from ptqd.runtime.conditioning import PipelineSpec
-from ptqd.runtime.layout import (SCHEDULE_FILE, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH, graph_files,
-                                 graph_path, text_encoder_io, unet_io, vae_decoder_io)
+from ptqd.runtime.layout import SCHEDULE_FILE, SPEC_FILE, deployment, graph_files
 from ptqd.runtime.schedule import FoldedSchedule
 from ptqd.output import link_or_copy
 from ptqd.deploy import model_config
@@ -42,10 +44,6 @@ DEFAULT_INSTANCES = 2
 RUNTIME_FILES = ("__init__.py", "errors.py")
 RUNTIME_PACKAGE = "runtime"
 GRAPH_MODEL = "graph_onnxruntime.py"   # the Python-backend model that runs one graph
-
-
-def unet_model_name(cfg: str) -> str:
-    return f"unet_{cfg}"
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -81,27 +79,21 @@ def engine_profile(out: Path) -> BatchProfile:
     return profile
 
 
-def model_files(out: Path, configs: list[str], latent: bool, text: bool) -> dict[str, tuple[Path, Path]]:
-    """Every model that runs a graph, by Triton model name: (its plan, the graph ONNX Runtime
-    runs without TensorRT: the UNets' CPU-fast graphs, the decoder's and encoder's FP32 ones)."""
-    files = {unet_model_name(cfg): (out / "engines" / f"unet_{cfg}.plan", graph_path(out / "onnx", cfg, "cpu-fast"))
-             for cfg in configs}
-    if latent:
-        files["vae_decoder"] = (out / "engines" / "vae_decoder.plan", out / "onnx" / VAE_DECODER_GRAPH)
-    if text:
-        files["text_encoder"] = (out / "engines" / "text_encoder.plan", out / "onnx" / TEXT_ENCODER_GRAPH)
-    return files
-
-
 def graph_models(out: Path, schedule: FoldedSchedule, spec: PipelineSpec) -> dict[str, tuple]:
-    """model_files with each model's interface: name -> (plan, CPU graph, (inputs, outputs))."""
-    files = model_files(out, schedule.configs, spec.latent, spec.kind == "text")
-    io = {name: unet_io(schedule.sample_shape, spec.unet_inputs) for name in files}
-    if spec.latent:
-        io["vae_decoder"] = vae_decoder_io(schedule.sample_shape, spec.image_shape)
-    if spec.kind == "text":
-        io["text_encoder"] = text_encoder_io(spec.max_length, spec.unet_inputs[0]["dims"])
-    return {name: (*paths, io[name]) for name, paths in files.items()}
+    """Every model of the deployment that runs a graph, by Triton model name: (its plan, the
+    graph ONNX Runtime runs without TensorRT, (inputs, outputs))."""
+    return {g.name: (out / "engines" / g.plan_name, out / "onnx" / g.cpu_graph, g.io)
+            for g in deployment(spec, schedule.sample_shape, schedule.configs)}
+
+
+def copy_spec_files(scheduler_dir: Path, version: Path, spec: PipelineSpec) -> list[tuple[Path, Path]]:
+    """(original, copy) of what the sampler model reads beside its schedule: pipeline.json
+    and each text encoder's tokenizer folder."""
+    pairs = [(scheduler_dir / SPEC_FILE, version / SPEC_FILE)] if (scheduler_dir / SPEC_FILE).is_file() else []
+    for encoder in spec.text_encoders:
+        pairs += [(f, version / encoder["tokenizer"] / f.name)
+                  for f in sorted((scheduler_dir / encoder["tokenizer"]).glob("*"))]
+    return pairs
 
 
 def resolve_unets(out: Path, models: dict[str, tuple], unets: str) -> str:
@@ -140,19 +132,15 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
     version = dest / SAMPLER / "1"
     _copy_runtime(version, "sampler.py")
     _copy(out / "scheduler" / SCHEDULE_FILE, version / SCHEDULE_FILE)
-    if spec.conditional or spec.latent:
-        _copy(out / "scheduler" / SPEC_FILE, version / SPEC_FILE)
-    if spec.kind == "text":
-        for f in sorted((out / "scheduler" / TOKENIZER_DIR).glob("*")):
-            _copy(f, version / TOKENIZER_DIR / f.name)
+    for original, copy in copy_spec_files(out / "scheduler", version, spec):
+        _copy(original, copy)
     if mode == "in-process":
         for _, graph, _ in models.values():
             _copy(graph, version / "onnx" / graph.name)
     params = {"unets": "in-process" if mode == "in-process" else "bls", "batch": profile.max, "min_batch": profile.min,
               "max_images": max_images, "threads": threads}
-    condition = {"text": "prompt", "class": "class_label"}.get(spec.kind)
     model_config.write_config(dest / SAMPLER, model_config.sampler(
-        SAMPLER, spec.image_shape or schedule.sample_shape, instances, params, condition))
+        SAMPLER, spec.image_shape or schedule.sample_shape, instances, params, spec.kind))
     for name, (plan, graph, io) in models.items() if mode != "in-process" else []:
         if mode == "tensorrt":
             _copy(plan, dest / name / "1" / "model.plan")

@@ -16,7 +16,7 @@ import onnx
 from ptqd.engines.jobs import EngineJob
 from ptqd.engines.release import TENSORRT_IMAGE
 from ptqd.engines.tensorrt import BuildSettings
-from ptqd.runtime.layout import TIMING_FILE, graph_files, graph_path
+from ptqd.runtime.layout import TIMING_FILE, graph_files
 
 SCRIPT_NAME = "build_engines.sh"
 TIMING_CACHE = "engines/timing.cache"
@@ -58,13 +58,10 @@ def trtexec_command(job: EngineJob, settings: BuildSettings) -> list[str]:
 
 
 def reference_graph(job: EngineJob) -> Path:
-    """What a plan is checked against: a UNet's ONNX Runtime reference graph (the fake-quant
-    model's exact twin, FP32), the decoder's and text encoder's FP32 graphs; the graph
-    TensorRT built where no such twin was exported."""
-    if job.name.startswith("unet_"):
-        ref = graph_path(job.onnx.parent, job.config, "onnxruntime")
-        return ref if ref.is_file() else job.onnx
-    return job.cpu_onnx
+    """What a plan is checked against (EngineJob.reference_onnx); the graph TensorRT built
+    where no such twin was exported."""
+    ref = job.reference_onnx or job.cpu_onnx
+    return ref if ref.is_file() else job.onnx
 
 
 def _embedding_rows(graph: onnx.GraphProto, name: str) -> int | None:

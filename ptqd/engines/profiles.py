@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptqd.errors import UserError
-from ptqd.runtime.layout import ORT_MANIFEST, TIMING_FILE
+from ptqd.runtime.layout import ORT_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class BatchProfile:
 def recorded_profile(engines_dir: Path) -> BatchProfile | None:
     """The batch range OUT/engines was built for (plan metadata, else onnxruntime.json), or
     None where no engines were built."""
-    # unet_<cfg>.json beside each plan; not its unet_<cfg>.timing.json
-    metas = sorted(p for p in engines_dir.glob("unet_*.json") if not p.name.endswith(TIMING_FILE.format(name="")))
+    # <stem>.json beside each plan (not its <stem>.timing.json)
+    metas = sorted(p.with_suffix(".json") for p in engines_dir.glob("*.plan"))
     metas.append(engines_dir / ORT_MANIFEST)
     for meta in metas:
         if meta.is_file():
@@ -56,7 +56,7 @@ def batched_shapes(dims: dict[str, list[int]], profile: BatchProfile) -> dict[st
 
 def input_shapes(sample_shape: list[int], profile: BatchProfile,
                  extra: list[dict] = ()) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """The UNet's inputs: sample, timestep, then a conditional model's conditioning inputs
-    (PipelineSpec.unet_inputs: name and per-sample dims)."""
+    """The denoiser's inputs: sample, timestep, then a conditional model's conditioning inputs
+    (PipelineSpec.denoiser_inputs: name and per-sample dims)."""
     dims = {"sample": list(sample_shape), "timestep": [], **{e["name"]: list(e["dims"]) for e in extra}}
     return batched_shapes(dims, profile)

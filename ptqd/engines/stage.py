@@ -20,7 +20,7 @@ from ptqd.engines.jobs import engine_jobs
 from ptqd.runtime.onnxruntime import create_session
 from ptqd.engines.tensorrt import BuildSettings, EngineBuilder, import_tensorrt, tensorrt_available
 from ptqd.errors import UserError
-from ptqd.runtime.layout import ORT_MANIFEST
+from ptqd.runtime.layout import DENOISER_ROLE, ORT_MANIFEST
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
@@ -42,7 +42,7 @@ def build_onnxruntime(out: Path, engines_dir: Path, settings: BuildSettings) -> 
     for job in engine_jobs(out, settings.profile):
         graph = job.cpu_onnx
         session = create_session(graph)  # fails here, not at sampling time, if it cannot load
-        key = job.config if job.name.startswith("unet_") else job.name
+        key = job.config if job.role == DENOISER_ROLE else job.name
         entries[key] = {"graph": f"onnx/{graph.name}", "providers": session.get_providers()}
     doc = {"format_version": 1, "batch_profile": str(settings.profile), "engines": entries,
            "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "sequential",

@@ -291,8 +291,9 @@ class _Binding:
 
 class TensorRTGraph:
     """A built plan as a numpy callable: positional inputs in the engine's input order, or
-    keyword arrays through run(); one output. The VAE decoder and text encoder run through
-    this, the UNets through TensorRTUNet; EngineSet.load makes them."""
+    keyword arrays through run() (the first output) or outputs() (all of them, by name). The
+    VAE decoder and text encoders run through this, the denoisers through TensorRTUNet;
+    EngineSet.load makes them."""
 
     def __init__(self, engines: EngineSet, engine):
         trt = engines.trt
@@ -300,7 +301,8 @@ class TensorRTGraph:
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output = next(n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT)
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT]
+        self.output = self.output_names[0]
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         lo, _, hi = engine.get_tensor_profile_shape(self.inputs[0], 0)
         self.batch_range = (lo[0], hi[0])
@@ -326,9 +328,10 @@ class TensorRTGraph:
                     lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
                     raise UserError(f"input {name} of shape {list(shape)} is outside the engine's profile "
                                     f"{list(lo)}..{list(hi)} (rebuild for these shapes)")
-            if self.output not in binding.buffers:   # its shape is known once the inputs' are
-                out_shape = tuple(self.context.get_tensor_shape(self.output))
-                binding.buffers[self.output] = cuda.empty(out_shape, self.dtypes[self.output])
+            for output in self.output_names:
+                if output not in binding.buffers:   # its shape is known once the inputs' are
+                    out_shape = tuple(self.context.get_tensor_shape(output))
+                    binding.buffers[output] = cuda.empty(out_shape, self.dtypes[output])
             for name, buffer in binding.buffers.items():
                 self.context.set_tensor_address(name, cuda.address(buffer))
             self._bound = shapes
@@ -372,6 +375,12 @@ class TensorRTGraph:
         self._launch(binding)
         return self.engines.cuda.download(binding.buffers[self.output])
 
+    def outputs(self, **arrays) -> dict[str, np.ndarray]:
+        """Every output by name (an SDXL text encoder's hidden states and pooled embedding)."""
+        binding = self._prepare(arrays)
+        self._launch(binding)
+        return {name: self.engines.cuda.download(binding.buffers[name]) for name in self.output_names}
+
     def time_ms(self, arrays: dict, warmup: int = 10, iterations: int = 50) -> list[float]:
         """GPU time of each of `iterations` calls on these inputs (graph replays where the set
         captures graphs), after one call that binds and captures and `warmup` more."""
@@ -384,8 +393,8 @@ class TensorRTGraph:
 
 
 class TensorRTUNet(TensorRTGraph):
-    """A UNet plan as a sampler engine; conditioning inputs (encoder_hidden_states,
-    class_labels) pass as keyword arrays."""
+    """A denoiser plan (UNet or transformer) as a sampler engine; conditioning inputs
+    (encoder_hidden_states, class_labels, text_embeds, ...) pass as keyword arrays."""
 
     def __call__(self, sample, timestep, **conditioning):
         return self.run(sample=sample, timestep=timestep, **conditioning)

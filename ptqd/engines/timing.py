@@ -2,8 +2,8 @@
 
 Written by engines/build_engines.sh (trtexec's "GPU Compute Time" median) or by the Python
 builder (CUDA-event timing through the TensorRT Python API), both at the profile's opt batch.
-Readers take `config`, `median_ms` and `batch`; the UNet files (unet_<cfg>.timing.json) replace
-estimated step latencies with measured ones.
+Readers take `config`, `median_ms` and `batch`; the denoiser's files (unet_<cfg>.timing.json,
+transformer_<cfg>.timing.json) replace estimated step latencies with measured ones.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from ptqd.runtime.layout import TIMING_FILE
+from ptqd.runtime.layout import DEFAULT_DENOISER, TIMING_FILE, denoiser_model_name
 
 FORMAT_VERSION = 1
 
@@ -34,29 +34,29 @@ def write_timing(engines_dir: Path, name: str, record: dict) -> Path:
     return path
 
 
-def _valid(record, stem: str) -> bool:
+def _valid(record, stem: str, denoiser: str) -> bool:
     if not isinstance(record, dict):
         return False
     median, batch, config = record.get("median_ms"), record.get("batch"), record.get("config")
     return (isinstance(median, (int, float)) and not isinstance(median, bool) and math.isfinite(median)
             and median > 0 and isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
-            and isinstance(config, str) and stem == f"unet_{config}")
+            and isinstance(config, str) and stem == denoiser_model_name(denoiser, config))
 
 
-def measured_latencies(engines_dir: Path) -> dict[str, dict]:
-    """UNet configuration -> its timing record, for every readable unet_<cfg>.timing.json.
+def measured_latencies(engines_dir: Path, denoiser: str = DEFAULT_DENOISER) -> dict[str, dict]:
+    """Denoiser configuration -> its timing record, for every readable <denoiser>_<cfg>.timing.json.
 
     A file that does not parse, lacks a positive median_ms or a batch, or names another
     configuration than its file name is skipped: a measurement is an optional refinement,
     so a damaged one falls back to the estimate instead of stopping the caller."""
     found: dict[str, dict] = {}
-    pattern = TIMING_FILE.format(name="unet_*")
+    pattern = TIMING_FILE.format(name=denoiser_model_name(denoiser, "*"))
     suffix = TIMING_FILE.format(name="")
     for path in sorted(Path(engines_dir).glob(pattern)):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if _valid(record, path.name[: -len(suffix)]):
+        if _valid(record, path.name[: -len(suffix)], denoiser):
             found[record["config"]] = record
     return found

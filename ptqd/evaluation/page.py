@@ -61,7 +61,7 @@ def _costs(m: dict) -> str:
     bops_rows.append([f"schedule ({b['policy']})", f"{b['schedule_total'] / m['num_inference_steps']:.3e} (mean)",
                       f"{b['saving_vs_fp32']:.1f}x"])
     size_rows = [["model weights (diffusers)", _num(s["model_weights"] and s["model_weights"] / 1e6, ".2f"), "", ""],
-                 ["fp32 (unet_fp32.onnx)", f"{s['fp32_onnx'] / 1e6:.2f}", "", ""]]
+                 ["fp32 (the denoiser's FP32 graph)", f"{s['fp32_onnx'] / 1e6:.2f}", "", ""]]
     for cfg, flavours in s["graphs"].items():
         size_rows.append([cfg, *(_num(flavours[f] / 1e6 if flavours[f] else None, ".2f")
                                  for f in ("tensorrt", "onnxruntime", "cpu-fast"))])

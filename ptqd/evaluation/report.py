@@ -48,24 +48,24 @@ def _distribution(doc: dict):
             "(lower is better)", features, real_digit_features(features))
 
 
-def _sizes(out: Path, doc: dict, scheduled: list[str]) -> dict:
-    from ptqd.runtime.layout import GRAPH_FILES, graph_path
+def _sizes(out: Path, doc: dict, scheduled: list[str], denoiser: str) -> dict:
+    from ptqd.model import resolve_model
+    from ptqd.runtime.layout import GRAPH_FILES, denoiser_model_name, graph_path
 
     onnx = out / "onnx"
     size = lambda p: p.stat().st_size if p.is_file() else None
-    from ptqd.model import resolve_model
-
+    plans = sorted((out / "engines").glob(f"{denoiser_model_name(denoiser, '*')}.plan"))
     sizes = {"model_weights": size(resolve_model(doc["model"]).weights),
-             "fp32_onnx": size(graph_path(onnx, "fp32", "tensorrt")),
-             "graphs": {cfg: {flavour: size(graph_path(onnx, cfg, flavour)) for flavour in GRAPH_FILES}
+             "fp32_onnx": size(graph_path(onnx, "fp32", "tensorrt", denoiser)),
+             "graphs": {cfg: {flavour: size(graph_path(onnx, cfg, flavour, denoiser)) for flavour in GRAPH_FILES}
                         for cfg in doc["configs"]},
-             "plans": {p.stem: p.stat().st_size for p in sorted((out / "engines").glob("unet_*.plan"))}}
+             "plans": {p.stem: p.stat().st_size for p in plans}}
     sizes["deployed"] = sum(sizes["graphs"][c]["tensorrt"] or 0 for c in scheduled)
     return sizes
 
 
 def _engines(out: Path) -> dict:
-    plans = sorted(p.name for p in (out / "engines").glob("unet_*.plan"))
+    plans = sorted(p.name for p in (out / "engines").glob("*.plan"))
     if plans:
         return {"tensorrt": f"built: {', '.join(plans)}", "report_sampling": "onnxruntime (CPU-fast graphs)"}
     return {"tensorrt": "not built: TensorRT is not installed on the machine that ran export-trt; "
@@ -80,7 +80,7 @@ def _triton(out: Path) -> str:
     from ptqd.deploy.model_config import parse_config
 
     unets = parse_config(config.read_text()).parameters["unets"].string_value
-    return f"triton/ptqd_sampler with UNets {unets}"
+    return f"triton/ptqd_sampler with denoisers {unets}"
 
 
 def _sample_all(out: Path, doc: dict, num: int, seed: int) -> list:
@@ -143,16 +143,16 @@ def _figures(doc: dict, variants: list, steps: list[dict], per_config: dict, err
             "samples": plots.sample_grids(grids)}
 
 
-def _latency(out: Path, doc: dict) -> dict | None:
+def _latency(out: Path, doc: dict, denoiser: str) -> dict | None:
     """Step latency per configuration: measured where TensorRT plans were timed
-    (engines/unet_<cfg>.timing.json), else calibration's roofline estimate; the schedule's total
-    and its speed-up over all-FP16 from the same source where every configuration has one."""
+    (engines/<denoiser>_<cfg>.timing.json), else calibration's roofline estimate; the schedule's
+    total and its speed-up over all-FP16 from the same source where every configuration has one."""
     from ptqd.engines.timing import measured_latencies
 
     est = doc.get("latency")
     if est is None:
         return None
-    measured = measured_latencies(out / "engines")
+    measured = measured_latencies(out / "engines", denoiser)
     rows = {c: {"ms": ms, "source": f"estimated ({est['target_gpu']}, batch {est['batch']})"}
             for c, ms in est["ms_per_step"].items()}
     for cfg, rec in measured.items():
@@ -183,8 +183,11 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
     from ptqd.calibration.artifact import load_ptqd_json
     from ptqd.model import resolve_model
 
+    from ptqd.runtime.conditioning import PipelineSpec
+
     doc = load_ptqd_json(out / "calibration")
-    resolve_model(doc["model"])  # before minutes of sampling: ablation schedules fold from its scheduler
+    resolve_model(doc["model"])  # before minutes of sampling: the distribution metric reads its classifier
+    denoiser = PipelineSpec.load(out / "scheduler").denoiser
     variants = _sample_all(out, doc, num, seed)
     dist_name, features, reference = _distribution(doc)
     rows = _variant_rows(variants, num, features, reference)
@@ -196,12 +199,12 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
         "num_inference_steps": len(doc["steps"]), "eta": doc["eta"], "samples": num, "seed": seed,
         "distribution_metric": dist_name or reference,
         "variants": rows, "steps": steps, "per_config_steps": per_config, "bops": _bops(doc),
-        "sizes": _sizes(out, doc, sorted({s["config"] for s in doc["steps"]})),
+        "sizes": _sizes(out, doc, sorted({s["config"] for s in doc["steps"]}), denoiser),
         "timings": {"calibration_seconds": doc["calibration_seconds"],
                     "sampling_seconds": {n: r["sampling_seconds"] for n, r in rows.items()}},
         "engines": _engines(out), "triton": _triton(out),
         "weight_rounding": doc.get("weight_rounding", {"method": "nearest"}), "sensitivity": _sensitivity(out),
-        "latency": _latency(out, doc),
+        "latency": _latency(out, doc, denoiser),
     }
     metrics["headline"] = headline(metrics)
     return metrics, _figures(doc, variants, steps, per_config, errors)

@@ -64,16 +64,25 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def export_torch(export: Callable[[Path], None], path: Path) -> onnx.ModelProto:
+def export_torch(export: Callable[[Path], None], path: Path,
+                 output_dims: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """Run a torch.onnx exporter (`export(file)`) into a scratch folder beside `path` (for a
     graph past 2 GiB torch writes one file per tensor there), then write it with save_graph.
-    Returns the model, weights loaded."""
+    output_dims: per graph output, its per-sample dims where the exporter could not tell them
+    (a slice of the output, a hidden state taken from a tuple): written into the graph's output
+    type behind its batch axis, so TensorRT and Triton see static shapes. Returns the model,
+    weights loaded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         raw = Path(scratch) / path.name
         export(raw)
         model = onnx.load(str(raw))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim[1:]
+        for dim, size in zip(dims, (output_dims or {}).get(output.name, [])):
+            if dim.dim_value != size:
+                dim.dim_value = size   # replaces a symbolic dim_param
     save_graph(model, path)
     return model
 

@@ -9,68 +9,59 @@ from ptqd.calibration.params import ConfigQuant
 CONV_OPS = ("Conv", "ConvTranspose")
 
 
-def _storage(op: str, config) -> dict:
+def _storage(op: str, config, denoiser: str) -> dict:
     if config.fmt == "fp8":
-        return _fp8_storage(op)
+        return _fp8_storage(op, denoiser)
     weight_bits, act_bits = config.weight_bits, config.act_bits
     w_trt = "INT8" if weight_bits == 8 else "INT8 holding the 4-bit grid [-8, 7]"
     a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
     return {
-        "tensorrt": {"graph": "unet_<cfg>.onnx", "weights": w_trt, "activations": a_trt,
+        "tensorrt": {"graph": f"{denoiser}_<cfg>.onnx", "weights": w_trt, "activations": a_trt,
                      "scales": "FP16 (the Q input's type; DQ emits FP16)",
                      "executes": "INT8 kernel" + ("" if op in CONV_OPS else " (INT4 in TensorRT is "
                                                   "weight-only, which would drop the activation quantization)")},
-        "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": f"INT{weight_bits}",
+        "onnxruntime": {"graph": f"{denoiser}_<cfg>.ort.onnx", "weights": f"INT{weight_bits}",
                         "activations": f"INT{act_bits}",
                         "executes": "dequantized to float, float kernel (input-only QDQ is not "
                                     "fused); the exact twin of the fake-quant model"},
-        "onnxruntime-fast": {"graph": "unet_<cfg>.cpu.onnx", "weights": w_trt, "activations": a_trt,
+        "onnxruntime-fast": {"graph": f"{denoiser}_<cfg>.cpu.onnx", "weights": w_trt, "activations": a_trt,
                              "outputs": "INT8 (calibrated scale)",
                              "executes": {"Conv": "QLinearConv", "MatMul": "QLinearMatMul",
                                           "Gemm": "QGemm"}.get(op, "float")},
     }
 
 
-def _fp8_storage(op: str) -> dict:
+def _fp8_storage(op: str, denoiser: str) -> dict:
     fp8 = "FLOAT8E4M3FN (E4M3, saturating at +-448 x scale)"
     return {
-        "tensorrt": {"graph": "unet_fp8.onnx", "weights": fp8, "activations": fp8,
+        "tensorrt": {"graph": f"{denoiser}_fp8.onnx", "weights": fp8, "activations": fp8,
                      "scales": "FP16 (the Q input's type; DQ emits FP16)",
                      "executes": "FP8 kernel (Ada and Hopper GPUs; compute capability >= 8.9)"},
-        "onnxruntime": {"graph": "unet_fp8.ort.onnx", "weights": fp8, "activations": fp8,
+        "onnxruntime": {"graph": f"{denoiser}_fp8.ort.onnx", "weights": fp8, "activations": fp8,
                         "executes": "dequantized to float, float kernel; the exact twin of the fake-quant "
                                     "model (also the CPU graph: onnxruntime has no FP8 kernels)"},
     }
 
 
-def layer_role(name: str, op: str) -> str:
-    """What a layer does in the UNet, for the plan's reader: attention projections are
-    quantized like every other Linear; cross-attention keys/values read the conditioning."""
-    leaf = name.rsplit(".", 1)[-1]
-    if ".attn2." in name and leaf in ("to_k", "to_v"):
-        return "cross-attention projection (reads the text encoder's states)"
-    if leaf in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
-        return "attention projection"
-    return "convolution" if op in CONV_OPS else "linear"
-
-
-def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto,
+def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto, family, denoiser: str,
                    fp32_exceptions: dict[str, dict[str, str]] | None = None) -> dict:
-    """fp32_exceptions: per configuration, its TensorRT graph's nodes kept FP32 (name -> reason)."""
+    """fp32_exceptions: per configuration, its TensorRT graph's nodes kept FP32 (name -> reason);
+    each layer's role is its model family's word for it (families.base.ModelFamily.layer_role)."""
     float_matmuls = sorted(n.name for n in fp_model.graph.node if n.op_type == "MatMul"
                            and n.name not in {node.name for node in nodes.values()})
-    plan = {"format_version": 1, "configs": {}}
+    kept, floating = kept_storage(denoiser), float_storage(denoiser)
+    plan = {"format_version": 1, "family": family.name, "configs": {}}
     for cfg, quant in sorted(params.items()):
         layers = []
         for name, node in sorted(nodes.items()):
-            entry = {"layer": name, "node": node.name, "op": node.op_type, "role": layer_role(name, node.op_type)}
+            role = family.layer_role(name, "conv" if node.op_type in CONV_OPS else "linear")
+            entry = {"layer": name, "node": node.name, "op": node.op_type, "role": role}
             if name in quant.layers:
-                entry.update(requested=cfg, **_storage(node.op_type, quant.config))
+                entry.update(requested=cfg, **_storage(node.op_type, quant.config, denoiser))
             elif not quant.config.quantized:
-                entry.update(requested=cfg, reason="the float engine: nothing quantized", **FLOAT_STORAGE)
+                entry.update(requested=cfg, reason="the float engine: nothing quantized", **floating)
             else:
-                entry.update(requested="fp32", reason="kept in float (first/last conv or time "
-                             "embedding by default; see keep_patterns)", **KEPT_STORAGE)
+                entry.update(requested="fp32", reason=family.keep_reason, **kept)
             layers.append(entry)
         plan["configs"][cfg] = {"layers": layers, "float_ops": {
             "attention_matmuls": float_matmuls,
@@ -79,14 +70,16 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
     return plan
 
 
-# a layer kept in float: FP16 in the graph TensorRT builds, FP32 in ONNX Runtime's graphs
-KEPT_STORAGE = {"tensorrt": {"graph": "unet_<cfg>.onnx", "weights": "FP16", "executes": "FP16 kernel"},
-                "onnxruntime": {"graph": "unet_<cfg>.ort.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
+def kept_storage(denoiser: str) -> dict:
+    """A layer kept in float: FP16 in the graph TensorRT builds, FP32 in ONNX Runtime's graphs."""
+    return {"tensorrt": {"graph": f"{denoiser}_<cfg>.onnx", "weights": "FP16", "executes": "FP16 kernel"},
+            "onnxruntime": {"graph": f"{denoiser}_<cfg>.ort.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
 
 
-# the float configuration (fp16): TensorRT builds its FP16 graph, ONNX Runtime runs the FP32 graph
-FLOAT_STORAGE = {"tensorrt": {"graph": "unet_fp16.onnx", "weights": "FP16", "executes": "FP16 kernel"},
-                 "onnxruntime": {"graph": "unet_fp32.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
+def float_storage(denoiser: str) -> dict:
+    """The float configuration (fp16): TensorRT builds its FP16 graph, ONNX Runtime the FP32 one."""
+    return {"tensorrt": {"graph": f"{denoiser}_fp16.onnx", "weights": "FP16", "executes": "FP16 kernel"},
+            "onnxruntime": {"graph": f"{denoiser}_fp32.onnx", "weights": "FP32", "executes": "FP32 kernel"}}
 
 
 def tensorrt_float(exceptions: dict[str, str]) -> dict:

@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqd.calibration.params import ConfigQuant, LayerQuant
-from ptqd.exporter.onnx_fp import layer_nodes
+from ptqd.exporter.onnx_fp import denoiser_name, layer_nodes
 
 INT4, INT8, FP8 = TensorProto.INT4, TensorProto.INT8, TensorProto.FLOAT8E4M3FN
 
@@ -185,5 +185,5 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
                 raise ValueError(f"{layer} has no output scale: recalibrate with this version")
             inserter.output(node, layer, float(lq.output_scale))
     model = inserter.finish()
-    model.graph.name = f"unet_{quant.config.name}"
+    model.graph.name = f"{denoiser_name(fp_model)}_{quant.config.name}"
     return model

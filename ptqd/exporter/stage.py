@@ -1,6 +1,7 @@
-"""The export stage: OUT/calibration + the model -> OUT/onnx (FP and QDQ graphs, precision
-plan; for latent and text models the VAE decoder and text encoder in float) and OUT/scheduler
-(the folded PTQD schedule; pipeline.json and the tokenizer for conditional models)."""
+"""The export stage: OUT/calibration + the model -> OUT/onnx (the denoiser's FP and QDQ graphs,
+precision plan; for latent and text models the VAE decoder and text encoders in float) and
+OUT/scheduler (the folded PTQD schedule; pipeline.json and the tokenizers for conditional
+models)."""
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
 from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
 from ptqd.ddim import build_schedule
-from ptqd.runtime.layout import (FP16_GRAPH, SPEC_FILE, TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,
-                                 graph_files, graph_path)
+from ptqd.runtime.layout import (DEFAULT_DENOISER, SPEC_FILE, TEXT_ENCODER_ROLE, VAE_DECODER_GRAPH, VAE_DECODER_ROLE,
+                                 deployment, graph_files, graph_path)
 
 # flavour -> (storage, whose lint rules apply); file names in layout.GRAPH_FILES
 FLAVOURS = {
@@ -61,19 +62,23 @@ def calibrated_spec(model, doc: dict):
 
 
 def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
-    """Float graphs of what runs around the UNet: the VAE decoder (FP32, and an FP16 copy for
-    TensorRT), the text encoder (FP32)."""
-    from ptqd.conditions import latent_shape
+    """Float graphs of what runs around the denoiser, as the deployment lists them: each text
+    encoder (FP32), the VAE decoder (FP32, and the FP16 copy TensorRT builds)."""
+    from ptqd.conditions import latent_shape, text_encoder_modules
     from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
 
     written = []
-    if model.vae is not None:
-        shape = tuple(latent_shape(model.unet))
-        written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, shape))
-        # the copy TensorRT builds (FP32 stays for ONNX Runtime, whose CPU kernels are FP32)
-        written.append(export_vae_decoder(model.vae, onnx_dir / FP16_GRAPH.format(name="vae_decoder"), shape, half=True))
-    if spec.kind == "text":
-        written.append(export_text_encoder(model.text_encoder, onnx_dir / TEXT_ENCODER_GRAPH, spec.max_length))
+    modules = text_encoder_modules(model)
+    encoders = {e["name"]: e for e in spec.text_encoders}
+    for graph in deployment(spec, latent_shape(model.denoiser), []):
+        if graph.role == TEXT_ENCODER_ROLE:
+            written.append(export_text_encoder(modules[graph.name], onnx_dir / graph.cpu_graph,
+                                               encoders[graph.name]["max_length"]))
+        elif graph.role == VAE_DECODER_ROLE:
+            shape = tuple(latent_shape(model.denoiser))
+            written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, shape))
+            # the copy TensorRT builds (FP32 stays for ONNX Runtime, whose CPU kernels are FP32)
+            written.append(export_vae_decoder(model.vae, onnx_dir / graph.tensorrt_graph, shape, half=True))
     return written
 
 
@@ -86,16 +91,17 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
                         "recalibrate or pass the model it was made from")
     params = load_params(calibration_dir)
     spec = calibrated_spec(model, doc)
+    denoiser = spec.denoiser
     onnx_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fp_path = export_fp_onnx(model.unet, graph_path(onnx_dir, "fp32", "tensorrt"),
+    fp_path = export_fp_onnx(model.denoiser, graph_path(onnx_dir, "fp32", "tensorrt", denoiser),
                              example_conditioning(model, spec, 2))
     fp_model = onnx.load(str(fp_path))
     written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
     exceptions = {}
     for cfg in sorted(params):
         for flavour, (storage, target) in FLAVOURS.items():
-            path = graph_path(onnx_dir, cfg, flavour)
+            path = graph_path(onnx_dir, cfg, flavour, denoiser)
             if path in written:  # a file two flavours share (layout.graph_path)
                 continue
             graph = insert_qdq(fp_model, params[cfg], storage)
@@ -104,7 +110,7 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
                 exceptions[cfg] = fp32_exceptions(graph)
             _save_checked(graph, path, target)
             written.append(path)
-    plan = precision_plan(layer_nodes(fp_model), params, fp_model, exceptions)
+    plan = precision_plan(layer_nodes(fp_model), params, fp_model, model.family, denoiser, exceptions)
     (onnx_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
     for path in written:
         files = graph_files(path)
@@ -123,18 +129,23 @@ def export_scheduler(model, calibration_dir: Path, scheduler_dir: Path) -> Path:
     doc = load_ptqd_json(calibration_dir)
     configs, corrections = steps_and_corrections(doc, "mixed", correction=True)
     schedule = build_schedule(model.scheduler_config, doc["num_inference_steps"], doc["eta"],
-                              latent_shape(model.unet), configs, corrections)
+                              latent_shape(model.denoiser), configs, corrections)
     path = schedule.save(scheduler_dir)
     PTQDFoldedScheduler.from_schedule(schedule).save_pretrained(str(scheduler_dir))
     spec = calibrated_spec(model, doc)
-    if spec.conditional or spec.latent:
-        spec.save(scheduler_dir)
-        click.echo(f"[export] {scheduler_dir.name}/{SPEC_FILE}: {spec.kind}, guidance {spec.guidance_scale:g}"
-                   + (", VAE decoder" if spec.latent else ""))
-    if spec.kind == "text":
-        from ptqd.exporter.tokenizer_files import save_prompt_tokenizer
+    if spec.conditional or spec.latent or spec.denoiser != DEFAULT_DENOISER:
+        spec.save(scheduler_dir)   # an unconditional pixel UNet needs none: every default holds
+        click.echo(f"[export] {scheduler_dir.name}/{SPEC_FILE}: {spec.family}, {spec.kind}, guidance "
+                   f"{spec.guidance_scale:g}" + (", VAE decoder" if spec.latent else ""))
+    from ptqd.exporter.tokenizer_files import save_prompt_tokenizer
 
-        save_prompt_tokenizer(model.tokenizer, scheduler_dir / TOKENIZER_DIR)
+    for encoder in spec.text_encoders:
+        save_prompt_tokenizer(model.tokenizers[encoder["tokenizer"]], scheduler_dir / encoder["tokenizer"],
+                              encoder["max_length"])
+    scheduler = model.scheduler_config.get("_class_name", "DDIMScheduler")
+    if scheduler != "DDIMScheduler":
+        click.echo(f"[export] the model's scheduler is {scheduler}: ptqd runs DDIM from its config (the folded "
+                   "PTQD schedule is DDIM's update)")
     runs = ", ".join(f"{c}×{configs.count(c)}" for c in sorted(set(configs)))
     click.echo(f"[export] {scheduler_dir.name}/{path.name}: {len(configs)} steps ({runs})")
     return path

@@ -1,4 +1,4 @@
-"""ONNX Runtime as a UNet engine: the CPU backend and the reference for every other one."""
+"""ONNX Runtime as a denoiser engine: the CPU backend and the reference for every other one."""
 from __future__ import annotations
 
 import os
@@ -66,23 +66,31 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32
 
 class OnnxRuntimeGraph:
     """Callable over one onnxruntime session: keyword arrays (cast to the graph's input
-    types) -> the first output. The VAE decoder and text encoder run through this.
-    float_kernels: see session_options (the reference graphs, compared with fake-quant)."""
+    types) -> the first output (`run`) or every output by name (`outputs`: an SDXL text
+    encoder's hidden states and pooled embedding). The VAE decoder and text encoders run
+    through this. float_kernels: see session_options (the reference graphs, compared with
+    fake-quant)."""
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
                  float_kernels: bool = False):
         self.path = Path(path)
         self.session = create_session(self.path, threads, providers, float_kernels=float_kernels)
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.output_names[0]
         self.input_types = {i.name: _DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 
     @property
     def input_names(self) -> list[str]:
         return list(self.input_types)
 
+    def _feeds(self, inputs: dict) -> dict:
+        return {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
+
     def run(self, **inputs: np.ndarray) -> np.ndarray:
-        feeds = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
-        return self.session.run([self.output_name], feeds)[0]
+        return self.session.run([self.output_name], self._feeds(inputs))[0]
+
+    def outputs(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, self._feeds(inputs))))
 
     def __call__(self, *args: np.ndarray) -> np.ndarray:
         """Positional inputs in the graph's order (text encoder: input_ids; decoder: latents)."""
@@ -90,7 +98,7 @@ class OnnxRuntimeGraph:
 
 
 class OnnxRuntimeUNet(OnnxRuntimeGraph):
-    """Engine: (sample, timestep, **conditioning) -> eps."""
+    """A denoiser (UNet or transformer) as an engine: (sample, timestep, **conditioning) -> eps."""
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, **conditioning: np.ndarray) -> np.ndarray:
         return self.run(sample=sample, timestep=timestep, **conditioning)

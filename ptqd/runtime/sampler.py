@@ -28,16 +28,28 @@ class MinBatch:
     padded with copies of its last sample and the extra rows dropped (samples are independent,
     so the real rows are unchanged)."""
 
-    def __init__(self, engine: UNetEngine, min_batch: int):
+    def __init__(self, engine, min_batch: int):
         self.engine, self.min_batch = engine, min_batch
 
-    def __call__(self, *arrays: np.ndarray, **named: np.ndarray) -> np.ndarray:
-        """Any engine's inputs (a UNet's sample, timestep and conditioning; a decoder's latents)."""
+    def _padded(self, fn, arrays: tuple, named: dict):
         n = len(arrays[0] if arrays else next(iter(named.values())))
         if n >= self.min_batch:
-            return self.engine(*arrays, **named)
+            return fn(*arrays, **named)
         pad = lambda v: np.concatenate([v, np.repeat(v[-1:], self.min_batch - n, axis=0)])
-        return self.engine(*map(pad, arrays), **{k: pad(v) for k, v in named.items()})[:n]
+        out = fn(*map(pad, arrays), **{k: pad(v) for k, v in named.items()})
+        return {k: v[:n] for k, v in out.items()} if isinstance(out, dict) else out[:n]
+
+    def __call__(self, *arrays: np.ndarray, **named: np.ndarray) -> np.ndarray:
+        """Any engine's inputs (a denoiser's sample, timestep and conditioning; a decoder's latents)."""
+        return self._padded(self.engine, arrays, named)
+
+    def run(self, **named: np.ndarray) -> np.ndarray:
+        """A graph's keyword inputs -> its first output."""
+        return self._padded(self.engine.run, (), named)
+
+    def outputs(self, **named: np.ndarray) -> dict[str, np.ndarray]:
+        """A graph's keyword inputs -> every output by name (a text encoder's)."""
+        return self._padded(self.engine.outputs, (), named)
 
 
 def denoise(schedule: FoldedSchedule, engines: Mapping[str, UNetEngine], noise: SampleNoise,

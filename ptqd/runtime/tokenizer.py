@@ -1,5 +1,5 @@
-"""Prompt -> token ids at serving time, identical to what Stable Diffusion's pipeline feeds its
-text encoder.
+"""Prompt -> token ids (and attention mask) at serving time, identical to what diffusers'
+pipelines feed their text encoders (CLIP for Stable Diffusion and SDXL, T5 for PixArt-alpha).
 
 diffusers' StableDiffusionPipeline tokenizes with
 
@@ -87,14 +87,20 @@ class PromptTokenizer:
         return self.settings.max_length
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.encode(prompts)[0]
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), int64 [N, max_length] each; the mask is 1 on the
+        prompt's tokens, 0 on the padding (what a T5 encoder and PixArt's transformer read)."""
         # A bare string would be tokenized as a batch of its characters: refuse it outright.
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("PromptTokenizer expects a list of prompt strings")
         if len(prompts) == 0:
-            return np.zeros((0, self.max_length), dtype=np.int64)
+            empty = np.zeros((0, self.max_length), dtype=np.int64)
+            return empty, empty.copy()
         encodings = self.tokenizer.encode_batch(list(prompts), add_special_tokens=True)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         if ids.shape != (len(prompts), self.max_length):
             raise ValueError(f"tokenizer produced ids of shape {ids.shape}, expected "
                              f"{(len(prompts), self.max_length)}")
-        return ids
+        return ids, np.array([e.attention_mask for e in encodings], dtype=np.int64)

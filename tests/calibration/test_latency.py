@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptqd.calibration.configs import DEFAULT_KEEP
+from ptqd.families.unets import UNET_KEEP as DEFAULT_KEEP
 from ptqd.calibration.gpus import GPUS, gpu_spec
 from ptqd.calibration.latency import estimate_step_latency, layer_seconds, same_cost
 from ptqd.calibration.layers import FloatOps, LayerInfo, measure_float_ops, measure_layers

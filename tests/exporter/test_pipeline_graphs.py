@@ -43,8 +43,11 @@ def text_pipe(text_folder):
 
 @pytest.fixture(scope="module")
 def text_onnx(text_pipe, tmp_path_factory):
-    return export_text_encoder(text_pipe.text_encoder, tmp_path_factory.mktemp("onnx") / "text_encoder.onnx",
-                               MAX_LENGTH)
+    from ptqd.families.text_encoders import TextEncoderOutputs
+    from ptqd.families.unets import StableDiffusion
+
+    module = TextEncoderOutputs(text_pipe.text_encoder, StableDiffusion.text_parts[0])
+    return export_text_encoder(module, tmp_path_factory.mktemp("onnx") / "text_encoder.onnx", MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Triton Python-backend model: one graph (a UNet, the VAE decoder, the text encoder) run by
+"""Triton Python-backend model: one graph (a denoiser, the VAE decoder, a text encoder) run by
 onnxruntime.
 
 The stand-in for the TensorRT model of the same name where Triton has no TensorRT backend
@@ -33,15 +33,15 @@ class TritonPythonModel:
         return array.reshape(-1) if name in self.flat else array
 
     def execute(self, requests):
-        # Requests the dynamic batcher grouped are run as one onnxruntime batch.
+        # Requests the dynamic batcher grouped are run as one onnxruntime batch; every output of
+        # the graph is answered (an SDXL text encoder's hidden states and pooled embedding).
         names = self.graph.input_names
         per_request = [{n: self._input(r, n) for n in names} for r in requests]
-        out = self.graph.run(**{n: np.concatenate([p[n] for p in per_request]) for n in names})
+        outputs = self.graph.outputs(**{n: np.concatenate([p[n] for p in per_request]) for n in names})
         responses, start = [], 0
         for inputs in per_request:
             count = len(inputs[names[0]])
-            part = out[start:start + count]
-            start += count
             responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(self.graph.output_name, part)]))
+                output_tensors=[pb_utils.Tensor(name, out[start:start + count]) for name, out in outputs.items()]))
+            start += count
         return responses

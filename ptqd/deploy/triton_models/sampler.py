@@ -3,17 +3,19 @@ prompt (tokenizer + text encoder) or class label, denoise over the folded schedu
 classifier-free guidance, decode the latents (VAE decoder).
 
 Request: seed (INT64 [1]), num_images (INT32 [1]), optional first_index (INT64 [1]); for a
-text model optional prompt (BYTES [n]), for a class-conditional one optional class_label
-(INT64 [n]): image i of the seed uses item i % n (default: the prompts/classes it was
-calibrated with).
+text model optional prompt (BYTES [n]) and negative_prompt (BYTES [1]), for a class-conditional
+one optional class_label (INT64 [n]): image i of the seed uses item i % n (default: the
+prompts/classes it was calibrated with).
 Response: images (FP32 [num, C, H, W] in [0, 1]); image i of a seed is the same image that
 `ptqd sample OUT --backend onnxruntime --seed S` (with the same prompts or classes) writes at
 index i (bit for bit with the in-process CPU-fast graphs), whatever the batch.
 
-Config parameters: `unets` is "bls" (each step calls the configuration's UNet model, a
+Config parameters: `unets` is "bls" (each step calls the configuration's denoiser model, a
 TensorRT plan or its onnxruntime stand-in, through Business Logic Scripting) or "in-process"
 (the CPU-fast ONNX graphs in 1/onnx run by onnxruntime inside this model); `batch` and
-`min_batch` are the largest and smallest batch the UNets take; `max_images` bounds one request; `threads` sizes onnxruntime.
+`min_batch` are the largest and smallest batch the denoisers take; `max_images` bounds one
+request; `threads` sizes onnxruntime. Which models there are is the deployment's list
+(runtime.layout.deployment), the same list the repository was written from.
 """
 import json
 import sys
@@ -28,42 +30,46 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from ptqd.runtime.conditioning import PipelineSpec, guided_batch, runtime_conditioner  # noqa: E402
 from ptqd.runtime.sampler import MinBatch, Sampler  # noqa: E402
-from ptqd.runtime.layout import (TEXT_ENCODER_GRAPH, TOKENIZER_DIR, VAE_DECODER_GRAPH,  # noqa: E402
-                                       graph_path, text_encoder_io, unet_io, vae_decoder_io)
+from ptqd.runtime.layout import (DENOISER_ROLE, TEXT_ENCODER_ROLE, VAE_DECODER_ROLE,  # noqa: E402
+                                 deployment)
 from ptqd.runtime.schedule import FoldedSchedule  # noqa: E402
 
 DTYPES = {"float32": np.float32, "int64": np.int64}
 
 
 class BlsModel:
-    """Another model of the repository (a UNet, the VAE decoder, the text encoder), called
-    from inside execute(), with its interface (runtime.layout's *_io): a per-sample scalar input
-    is sent as [batch, 1], as its config's `reshape: []` expects."""
+    """Another model of the repository (a denoiser, the VAE decoder, a text encoder), called
+    from inside execute(), with its interface (runtime.layout.deployment's io): a per-sample
+    scalar input is sent as [batch, 1], as its config's `reshape: []` expects."""
 
     def __init__(self, model_name: str, inputs: list, outputs: list):
-        self.model_name, self.inputs, self.output = model_name, inputs, outputs[0][0]
+        self.model_name, self.inputs = model_name, inputs
+        self.output_names = [name for name, _, _ in outputs]
 
-    def run(self, **arrays) -> np.ndarray:
+    def outputs(self, **arrays) -> dict:
         tensors = []
         for name, dtype, dims in self.inputs:
             array = np.ascontiguousarray(arrays[name], dtype=DTYPES[dtype])
             tensors.append(pb_utils.Tensor(name, array if dims else array.reshape(-1, 1)))
         request = pb_utils.InferenceRequest(
-            model_name=self.model_name, inputs=tensors, requested_output_names=[self.output],
+            model_name=self.model_name, inputs=tensors, requested_output_names=self.output_names,
             # a TensorRT model answers in GPU memory otherwise, which as_numpy() refuses
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{self.model_name}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.output_names}
+
+    def run(self, **arrays) -> np.ndarray:
+        return self.outputs(**arrays)[self.output_names[0]]
 
     def __call__(self, *arrays) -> np.ndarray:
         return self.run(**{name: a for (name, _, _), a in zip(self.inputs, arrays)})
 
 
-class BlsUNet(BlsModel):
-    def __call__(self, sample, timestep, **conditioning):
-        return self.run(sample=sample, timestep=timestep, **conditioning)
+def _denoiser(model):
+    """A graph model as a sampler engine: (sample, timestep, **conditioning) -> eps."""
+    return lambda sample, timestep, **conditioning: model.run(sample=sample, timestep=timestep, **conditioning)
 
 
 def _scalar(request, name, default=None):
@@ -86,8 +92,23 @@ def _conditions(request, spec: PipelineSpec) -> list:
         return []
     values = tensor.as_numpy().reshape(-1)
     if spec.kind == "text":
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+        return [_text(v) for v in values]
     return [int(v) for v in values]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _negative_prompt(request, spec: PipelineSpec):
+    """A text model's negative prompt for every image of the request (None: the model's default)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "negative_prompt") if spec.kind == "text" else None
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"input 'negative_prompt' takes one prompt, got {values.size}")
+    return _text(values[0])
 
 
 class TritonPythonModel:
@@ -96,34 +117,27 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.schedule = FoldedSchedule.load(HERE)
         self.spec = PipelineSpec.load(HERE)
-        # a guided image takes two UNet samples: chunks of half the UNets' batch
+        self.graphs = deployment(self.spec, self.schedule.sample_shape, self.schedule.configs)
+        # a guided image takes two denoiser samples: chunks of half the denoisers' batch
         self.batch = guided_batch(int(params["batch"]), self.spec)
         self.max_images = int(params["max_images"])
         if params["unets"] == "bls":
-            self._bls_engines(int(params.get("min_batch", "1")))
+            # the interfaces the repository's configs were written from; a TensorRT profile may
+            # start above 1 and Triton rejects smaller batches, so every model is padded to it
+            min_batch = int(params.get("min_batch", "1"))
+            models = {g.name: MinBatch(BlsModel(g.name, *g.io), min_batch) for g in self.graphs}
         else:
-            self._in_process_engines(int(params["threads"]))
+            from ptqd.runtime.onnxruntime import OnnxRuntimeGraph
 
-    def _bls_engines(self, min_batch: int):
-        shape, spec = self.schedule.sample_shape, self.spec
-        # the interfaces the repository's configs were written from; a TensorRT profile may
-        # start above 1 and Triton rejects smaller batches, so every model is padded to it
-        unet = unet_io(shape, spec.unet_inputs)
-        self.engines = {cfg: MinBatch(BlsUNet(f"unet_{cfg}", *unet), min_batch) for cfg in self.schedule.configs}
-        self.decoder = (MinBatch(BlsModel("vae_decoder", *vae_decoder_io(shape, spec.image_shape)), min_batch)
-                        if spec.latent else None)
-        self.text_encoder = (MinBatch(BlsModel("text_encoder", *text_encoder_io(spec.max_length,
-                                                                                spec.unet_inputs[0]["dims"])),
-                                      min_batch) if spec.kind == "text" else None)
+            threads = int(params["threads"])
+            models = {g.name: OnnxRuntimeGraph(HERE / "onnx" / g.cpu_graph, threads) for g in self.graphs}
+        self._engines(models)
 
-    def _in_process_engines(self, threads: int):
-        from ptqd.runtime.onnxruntime import OnnxRuntimeGraph, OnnxRuntimeUNet
-
-        self.engines = {cfg: OnnxRuntimeUNet(graph_path(HERE / "onnx", cfg, "cpu-fast"), threads)
-                        for cfg in self.schedule.configs}
-        self.decoder = OnnxRuntimeGraph(HERE / "onnx" / VAE_DECODER_GRAPH, threads) if self.spec.latent else None
-        self.text_encoder = (OnnxRuntimeGraph(HERE / "onnx" / TEXT_ENCODER_GRAPH, threads)
-                             if self.spec.kind == "text" else None)
+    def _engines(self, models: dict):
+        by_role = lambda role: [g for g in self.graphs if g.role == role]
+        self.engines = {g.config: _denoiser(models[g.name]) for g in by_role(DENOISER_ROLE)}
+        self.text_encoders = {g.name: models[g.name] for g in by_role(TEXT_ENCODER_ROLE)}
+        self.decoder = next((models[g.name] for g in by_role(VAE_DECODER_ROLE)), None)
 
     def _run(self, request):
         seed = _scalar(request, "seed")
@@ -133,8 +147,8 @@ class TritonPythonModel:
             raise ValueError("seed and first_index must be >= 0")
         if not 1 <= num <= self.max_images:
             raise ValueError(f"num_images must be in 1..{self.max_images}, got {num}")
-        conditioner = runtime_conditioner(self.spec, _conditions(request, self.spec), HERE / TOKENIZER_DIR,
-                                          self.text_encoder)
+        conditioner = runtime_conditioner(self.spec, _conditions(request, self.spec), HERE, self.text_encoders,
+                                          _negative_prompt(request, self.spec))
         sampler = Sampler(self.schedule, self.engines, self.batch, conditioner, self.decoder)
         images = sampler.generate(num, seed, first_index=first)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)])

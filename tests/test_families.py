@@ -1,0 +1,217 @@
+"""Model families through every stage (ptqd.families): SDXL's UNet with two text encoders, DiT
+and PixArt-alpha, each a tiny random-weight pipeline saved by diffusers' own pipeline class.
+
+The standard for a family: its full-precision samples through ptqd's exported ONNX Runtime
+engines equal diffusers' own pipeline (DDIM from the folder's scheduler config, eta 0, the
+same x_T, the same guidance scale and conditions) to float rounding. Random weights make the
+images meaningless; what is checked is that ptqd computes what diffusers computes, and that
+the quantized and deployed paths run.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ptqd.runtime.conditioning import PipelineSpec
+from ptqd.runtime.noise import SampleNoise
+from tests.conftest import FAMILY_STEPS, GUIDANCE, CONDITIONAL_STEPS, assert_user_error, run_cli
+
+PROMPTS = ["a red cube", "a blue sphere in the city"]
+CLASSES = [3, 500]
+# DiT's latents are drawn inside DiTPipeline (it takes no `latents`): its module's randn_tensor
+# hands it ptqd's x_T
+DIT_NOISE = "diffusers.pipelines.dit.pipeline_dit.randn_tensor"
+
+
+def _inputs(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+def _outputs(path):
+    model = onnx.load(str(path), load_external_data=False)
+    return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+
+
+def _ptqd_images(out, tmp_path, *args):
+    path = tmp_path / "ptqd.npy"
+    result = run_cli("sample", str(out), "--backend", "onnxruntime", "--seed", "0", "--output", str(path), "--force",
+                     *args)
+    assert result.returncode == 0, result.stderr
+    return np.load(path)
+
+
+def _diffusers_images(out, monkeypatch, num: int, conditions: list, **call):
+    """diffusers' pipeline on the folder OUT was made from, DDIM from its scheduler config,
+    x_T = ptqd's noise for images 0..num-1 of seed 0; images as NCHW in [0, 1]."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    doc = json.loads((out / "calibration" / "ptqd.json").read_text())
+    spec = PipelineSpec.load(out / "scheduler")
+    index = json.loads((Path(doc["model"]) / "model_index.json").read_text())
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(doc["model"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    shape = json.loads((out / "scheduler" / "ptqd_schedule.json").read_text())["sample_shape"]
+    x = torch.from_numpy(SampleNoise(0, 0, num, tuple(shape)).initial())
+    args = dict(guidance_scale=spec.guidance_scale, num_inference_steps=doc["num_inference_steps"],
+                output_type="np", **call)
+    with torch.no_grad():
+        if spec.family == "dit":
+            monkeypatch.setattr(DIT_NOISE, lambda *a, **k: x)
+            images = pipe(class_labels=conditions, **args).images
+        else:
+            images = pipe(conditions, latents=x, eta=0.0, **args).images
+    return np.transpose(images, (0, 3, 1, 2))
+
+
+def _condition_args(spec, conditions):
+    if spec.kind == "class":
+        return ["--class", ",".join(map(str, conditions))]
+    return [a for p in conditions for a in ("--prompt", p)]
+
+
+FAMILIES = {
+    "sdxl": ("tiny_sdxl_export", PROMPTS, {}),
+    "dit": ("tiny_dit_export", CLASSES, {}),
+    # without bs4/ftfy PixArt lowercases and strips prompts, as ptqd does; no resolution binning
+    # for a sample size the pipeline has no bins for
+    "pixart": ("tiny_pixart_export", PROMPTS, {"clean_caption": False, "use_resolution_binning": False}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_precision_samples_equal_diffusers_pipeline(family, request, tmp_path, monkeypatch):
+    """ptqd's FP32 graphs on ONNX Runtime (text encoders, denoiser with guidance, VAE decoder)
+    against diffusers' pipeline: max |difference| of the images within 1e-3 (measured: 5e-7
+    for SDXL and DiT, 2e-5 for PixArt)."""
+    fixture, conditions, call = FAMILIES[family]
+    out = request.getfixturevalue(fixture)
+    spec = PipelineSpec.load(out / "scheduler")
+    ours = _ptqd_images(out, tmp_path, "--precision", "fp32", "--num", "2", *_condition_args(spec, conditions))
+    theirs = _diffusers_images(out, monkeypatch, 2, conditions, **call)
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert np.abs(theirs - 0.5).mean() > 0.01   # not a blank image
+    assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_sd_layout_samples_equal_diffusers_pipeline(tiny_text_export, tmp_path, monkeypatch):
+    """The family ptqd had before the seam, held to the same standard."""
+    ours = _ptqd_images(tiny_text_export, tmp_path, "--precision", "fp32", "--num", "2",
+                        *_condition_args(PipelineSpec(kind="text"), PROMPTS))
+    theirs = _diffusers_images(tiny_text_export, monkeypatch, 2, PROMPTS)
+    assert np.abs(ours - theirs).max() <= 1e-3
+    doc = json.loads((tiny_text_export / "calibration" / "ptqd.json").read_text())
+    assert doc["num_inference_steps"] == CONDITIONAL_STEPS and doc["conditioning"]["guidance_scale"] == GUIDANCE
+
+
+def _spec(out):
+    return PipelineSpec.load(out / "scheduler")
+
+
+def test_sdxl_unet_takes_demodiffusion_inputs_from_two_text_encoders(tiny_sdxl_export):
+    out = tiny_sdxl_export
+    spec = _spec(out)
+    assert (spec.family, spec.kind, spec.denoiser, spec.zero_uncond) == ("sdxl-unet", "text", "unet", True)
+    assert len(json.loads((out / "scheduler" / "ptqd_schedule.json").read_text())["steps"]) == FAMILY_STEPS
+    # the names demoDiffusion and Model Optimizer give SDXL's UNet inputs; both encoders' 32-wide
+    # penultimate states concatenated, the second's 32-wide pooled projection, 6 time ids
+    for graph in ("unet_fp32.onnx", "unet_w4a8.onnx", "unet_w4a8.ort.onnx", "unet_w8a8.cpu.onnx"):
+        assert _inputs(out / "onnx" / graph) == {
+            "sample": ["batch", 4, 8, 8], "timestep": ["batch"], "encoder_hidden_states": ["batch", 16, 64],
+            "text_embeds": ["batch", 32], "time_ids": ["batch", 6]}, graph
+    assert _outputs(out / "onnx" / "text_encoder.onnx") == {"encoder_hidden_states": ["batch", 16, 32]}
+    assert _outputs(out / "onnx" / "text_encoder_2.onnx") == {"encoder_hidden_states": ["batch", 16, 32],
+                                                               "text_embeds": ["batch", 32]}
+    # StableDiffusionXLPipeline's defaults: original = target = 16x16 pixels, crop at (0, 0)
+    assert spec.constant_inputs == {"time_ids": [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]}
+    for folder in ("tokenizer", "tokenizer_2"):
+        assert (out / "scheduler" / folder / "tokenizer.json").is_file()
+        assert (out / "triton" / "ptqd_sampler" / "1" / folder / "tokenizer.json").is_file()
+    script = (out / "engines" / "build_engines.sh").read_text()
+    assert "--onnx=onnx/text_encoder_2.onnx" in script and "--saveEngine=engines/text_encoder_2.plan" in script
+    assert ("--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x16x64,text_embeds:1x32,time_ids:1x6"
+            in script)
+    log = (out.parent / "export-trt.log").read_text()
+    assert "EulerDiscreteScheduler: ptqd runs DDIM" in log
+    plan = json.loads((out / "onnx" / "precision_plan.json").read_text())
+    layers = {e["layer"]: e for e in plan["configs"]["w4a8"]["layers"]}
+    assert layers["add_embedding.linear_1"]["requested"] == "fp32"
+    assert layers["add_embedding.linear_1"]["role"].startswith("added-condition embedder")
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_dit_graphs_are_transformers_whose_output_is_eps(tiny_dit_export):
+    out = tiny_dit_export
+    names = sorted(p.name for p in (out / "onnx").glob("*.onnx"))
+    assert "transformer_fp32.onnx" in names and not [n for n in names if n.startswith("unet")]
+    for graph in ("transformer_fp32.onnx", "transformer_w4a8.onnx", "transformer_w4a8.ort.onnx"):
+        assert _inputs(out / "onnx" / graph) == {"sample": ["batch", 4, 8, 8], "timestep": ["batch"],
+                                                 "class_labels": ["batch"]}
+        # eps only: the first 4 of the transformer's 8 output channels (learned variance dropped)
+        assert _outputs(out / "onnx" / graph) == {"noise_pred": ["batch", 4, 8, 8]}
+    spec = _spec(out)
+    assert (spec.family, spec.denoiser, spec.num_classes, spec.null_class) == ("dit", "transformer", 1000, 1000)
+    assert spec.default_conditions == [1, 2, 3, 500]
+    plan = json.loads((out / "onnx" / "precision_plan.json").read_text())
+    layers = {e["layer"]: e for e in plan["configs"]["w4a8"]["layers"]}
+    kept = sorted(name for name, e in layers.items() if e["requested"] == "fp32")
+    assert kept == ["pos_embed.proj", "proj_out_1", "proj_out_2",
+                    *(f"transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_{j}" for i in (0, 1) for j in (1, 2))]
+    assert layers["transformer_blocks.0.norm1.linear"] == {**layers["transformer_blocks.0.norm1.linear"],
+                                                           "requested": "w4a8", "role": "adaLN-Zero modulation"}
+    assert layers["transformer_blocks.1.attn1.to_q"]["requested"] == "w4a8"
+    assert layers["proj_out_2"]["role"] == "final layer (eps and variance)"
+    script = (out / "engines" / "build_engines.sh").read_text()
+    assert "--saveEngine=engines/transformer_" in script and "unet_" not in script
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_pixart_transformer_reads_t5_states_under_their_mask(tiny_pixart_export, tmp_path):
+    out = tiny_pixart_export
+    assert _inputs(out / "onnx" / "transformer_w4a8.onnx") == {
+        "sample": ["batch", 4, 8, 8], "timestep": ["batch"], "encoder_hidden_states": ["batch", 120, 32],
+        "encoder_attention_mask": ["batch", 120]}
+    assert _inputs(out / "onnx" / "text_encoder.onnx") == {"input_ids": ["batch", 120],
+                                                           "attention_mask": ["batch", 120]}
+    spec = _spec(out)
+    assert (spec.family, spec.mask_input, spec.prompt_preparation) == ("pixart-alpha", "encoder_attention_mask",
+                                                                       "lower-strip")
+    # PixArtAlphaPipeline lowercases and strips a prompt (without bs4/ftfy to clean it)
+    a = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", "a red cube")
+    b = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", "  A Red CUBE ")
+    c = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", "a red tree")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).mean() > 1e-4
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sdxl_export", "tiny_dit_export", "tiny_pixart_export"])
+def test_quantized_sampling_runs_near_full_precision(fixture, request, tmp_path):
+    out = request.getfixturevalue(fixture)
+    spec = _spec(out)
+    conditions = _condition_args(spec, CLASSES if spec.kind == "class" else PROMPTS)
+    fp = _ptqd_images(out, tmp_path, "--precision", "fp32", "--num", "2", *conditions)
+    mixed = _ptqd_images(out, tmp_path, "--num", "2", *conditions)
+    reference = _ptqd_images(out, tmp_path, "--num", "2", "--graph", "reference", "--precision", "w4a8",
+                             *conditions)
+    for images in (mixed, reference):
+        assert np.isfinite(images).all() and images.shape == fp.shape
+        assert 0 < np.abs(images - fp).mean() < 0.1
+
+
+def test_negative_prompt_replaces_the_unconditional_half(tiny_sdxl_export, tiny_dit_export, tmp_path):
+    """SDXL zeroes the unconditional text inputs when no negative prompt is given
+    (force_zeros_for_empty_prompt); naming one, even "", encodes it instead."""
+    out = tiny_sdxl_export
+    zeros = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", PROMPTS[0])
+    empty = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", PROMPTS[0], "--negative-prompt", "")
+    other = _ptqd_images(out, tmp_path, "--num", "1", "--prompt", PROMPTS[0], "--negative-prompt", "a dog")
+    assert np.abs(zeros - empty).mean() > 1e-4 and np.abs(empty - other).mean() > 1e-4
+    assert_user_error(run_cli("sample", str(tiny_dit_export), "--backend", "onnxruntime", "--negative-prompt",
+                              "x", "--output", str(tmp_path / "n.npy")), "text-conditioned")
+    assert not (tmp_path / "n.npy").exists()
