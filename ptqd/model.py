@@ -227,6 +227,11 @@ class LoadedModel:
     def family(self) -> ModelFamily:
         return self.source.family
 
+    def release_modules(self) -> None:
+        """Drop the torch modules (export does, once their graphs are written); what was read
+        from the configs (source, scheduler config, tokenizers) stays."""
+        self.denoiser, self.vae, self.text_encoders = None, None, {}
+
     def to(self, device) -> "LoadedModel":
         """The denoiser and text encoders moved to `device` (a torch.device), in place."""
         self.denoiser.to(device)

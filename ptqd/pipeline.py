@@ -61,8 +61,8 @@ def stage_export(calibration_dir: Path, root: Path, model: LoadedModel) -> None:
 
     # graphs are traced on the CPU, whatever --device calibrated: the ONNX files are the same
     model.to("cpu")
-    export_graphs(model, calibration_dir, root / ONNX_DIR)
     export_scheduler(model, calibration_dir, root / SCHEDULER_DIR)
+    export_graphs(model, calibration_dir, root / ONNX_DIR)   # releases the torch modules
 
 
 def stage_engines(root: Path, backend: str, settings, engines_dir: Path | None = None) -> str:

@@ -32,8 +32,12 @@ class FakeQuantLayer(nn.Module):
 
 
 def fake_quant_unet(unet: nn.Module, quant: ConfigQuant) -> nn.Module:
-    """A copy of `unet` with every calibrated layer replaced; the original is untouched."""
-    model = copy.deepcopy(unet)
+    """A copy of `unet` with every calibrated layer replaced; the original is untouched. The
+    copy shares the original's parameters and buffers (nothing trains or moves them): it holds
+    only the dequantized weights of its own, not a second FP32 model beside them (an SDXL
+    UNet's weights are 10 GB)."""
+    shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
+    model = copy.deepcopy(unet, memo=shared)
     for name, lq in quant.layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -53,11 +53,17 @@ def _one_sample(unet: nn.Module, sample_shape: tuple[int, ...], conditioning: di
     return (unet, torch.zeros(1, *sample_shape, device=device), torch.tensor([500.0], device=device)), extra
 
 
+def _call(unet: nn.Module, call):
+    """How the model runs: its family's forward (families.base.ModelFamily.forward), or `call`."""
+    return call or family_of_module(unet).forward
+
+
 @torch.no_grad()
 def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
-                   conditioning: dict | None = None) -> list[LayerInfo]:
+                   conditioning: dict | None = None, call=None) -> list[LayerInfo]:
     """MACs, weights and activation sizes per sample of every Conv2d/Linear, measured by running
-    the model once (with one sample's conditioning inputs for a conditional model)."""
+    the model once (with one sample's conditioning inputs for a conditional model); `call`
+    (module, sample, timestep, **conditioning) runs it, by default as its family does."""
     infos: dict[str, LayerInfo] = {}
     hooks = []
     for name, module in quantizable_layers(unet).items():
@@ -73,7 +79,7 @@ def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
         hooks.append(module.register_forward_hook(hook))
     args, kwargs = _one_sample(unet, sample_shape, conditioning)
     try:
-        family_of_module(unet).forward(*args, **kwargs)
+        _call(unet, call)(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -138,7 +144,7 @@ class _Traffic(TorchFunctionMode):
 
 @torch.no_grad()
 def measure_float_ops(unet: nn.Module, sample_shape: tuple[int, ...],
-                      conditioning: dict | None = None) -> FloatOps:
+                      conditioning: dict | None = None, call=None) -> FloatOps:
     """Per sample, the elements moved by the ops outside Conv2d/Linear (GroupNorm, SiLU, residual
     adds, concatenations, upsampling, ...) and the size of every attention core, measured by
     running the model once with batch 1."""
@@ -164,7 +170,7 @@ def measure_float_ops(unet: nn.Module, sample_shape: tuple[int, ...],
                   module.register_forward_hook(leave)]
     mode = _Traffic(stack)
     args, kwargs = _one_sample(unet, sample_shape, conditioning)   # made outside the count: not the model's work
-    forward = family_of_module(unet).forward
+    forward = _call(unet, call)
     try:
         with mode:
             forward(*args, **kwargs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from ptqd.exporter.graph_io import restore_weights, weightless
+from ptqd.exporter.graph_io import is_stripped, restore_weights, weightless
 
 # Each pass can expose new static shapes to the next (a folded Reshape target types the
 # tensors after it); two passes reach the fixed point on the UNets seen here, the cap is a guard.
@@ -43,13 +43,15 @@ def _one_pass(model: onnx.ModelProto) -> onnx.ModelProto:
     # on the weightless view: shape inference serializes the model (a UNet past 2 GiB would
     # not). A node computing from a weight is left as it is (the TorchScript exporter has
     # folded those already, Q/DQ are never folded): evaluating it would need the payload.
-    with weightless(model) as payload:
-        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
-        graph.toposort()
-        reads_weight = lambda node: any(t.name in payload for t in node.inputs)
-        graph.fold_constants(error_ok=False, should_exclude_node=reads_weight).cleanup().toposort()
-        folded = gs.export_onnx(graph)
-    restore_weights(folded, payload)
+    view = weightless(model)
+    stripped = {t.name for t in view.graph.initializer if is_stripped(t)}
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(view, data_prop=True))
+    del view
+    graph.toposort()
+    reads_weight = lambda node: any(t.name in stripped for t in node.inputs)
+    graph.fold_constants(error_ok=False, should_exclude_node=reads_weight).cleanup().toposort()
+    folded = gs.export_onnx(graph)
+    restore_weights(folded, model)
     # shape inference's value_info is not part of the graph's contract; writers re-infer
     del folded.graph.value_info[:]
     return folded

@@ -43,8 +43,8 @@ def fp32_slot(op: str, index: int) -> bool:
 
 def float_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, from ONNX's (strict) type inference."""
-    with weightless(model):  # types need no weights, and a UNet past 2 GiB cannot serialize
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    # types need no weights, and a UNet past 2 GiB cannot serialize
+    inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=True)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
     types.update({i.name: i.data_type for i in g.initializer})

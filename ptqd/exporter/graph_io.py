@@ -6,10 +6,10 @@ file next to the graph by the relative name recorded inside it, so a copy must k
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -24,9 +24,18 @@ EXTERNAL_DATA_ABOVE = 1_800_000_000
 INLINE_BELOW = 1024
 
 
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    """The length of a raw-data tensor's payload, from its type and dims: reading raw_data to
+    measure it would copy it out of the message."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1):
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def _is_weight(tensor: onnx.TensorProto) -> bool:
     """A tensor whose payload leaves the graph: into the data file, or out of a weightless view."""
-    return tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW
+    return tensor.HasField("raw_data") and _payload_bytes(tensor) >= INLINE_BELOW
 
 
 def external_data_above() -> int:
@@ -92,40 +101,61 @@ def export_torch(export: Callable[[Path], None], path: Path,
 STRIPPED = "ptqd-weights-held-in-memory"
 
 
-@contextmanager
-def weightless(model: onnx.ModelProto) -> Iterator[dict[str, tuple[bytes, int | None]]]:
-    """`model` with its large initializers' payload taken out for the duration, yielding the
-    payloads by name: what shape inference and folding need (names, types, dims, the small
-    shape tensors) serializes far under 2 GiB even for a Stable Diffusion UNet, whose full
-    message protobuf refuses. The payloads go back into `model` on exit (byte for byte);
-    `restore_weights` puts them into a model derived from it (a pass's output that kept the
+def _copy_fields(target, source, skip: str) -> None:
+    """Every field of protobuf message `source` but `skip` into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        # protobuf 6 deprecates `label` for is_repeated, which protobuf 5 lacks
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without the payload of its large initializers: what shape inference
+    and folding need (names, types, dims, the small shape tensors) serializes far under 2 GiB
+    even for a Stable Diffusion UNet, whose full message protobuf refuses. Each stripped tensor
+    is marked external at a location no file has. `model` itself is not touched: protobuf
+    (upb) never gives a cleared field's bytes back to the message's arena, so stripping the
+    payload in place and putting it back would hold every weight twice. `restore_weights`
+    puts the payload into a model derived from the view (a pass's output that kept the
     tensors' names)."""
-    payload = {}
+    view = onnx.ModelProto()
+    _copy_fields(view, model, skip="graph")
+    _copy_fields(view.graph, model.graph, skip="initializer")
     for tensor in model.graph.initializer:
         if _is_weight(tensor) and not tensor.external_data:
-            # (payload, data_location if the tensor spelled it out): onnx.load writes DEFAULT explicitly
-            payload[tensor.name] = (tensor.raw_data,
-                                    tensor.data_location if tensor.HasField("data_location") else None)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.external_data.add(key="location", value=STRIPPED)
-    try:
-        yield payload
-    finally:
-        restore_weights(model, payload)
+            stub = view.graph.initializer.add()
+            _copy_fields(stub, tensor, skip="raw_data")
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value=STRIPPED)
+        else:
+            view.graph.initializer.add().CopyFrom(tensor)
+    return view
 
 
-def restore_weights(model: onnx.ModelProto, payload: dict[str, tuple[bytes, int | None]]) -> None:
-    """Give every stripped initializer of `model` its payload back (see `weightless`)."""
+def is_stripped(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and \
+        any(e.key == "location" and e.value == STRIPPED for e in tensor.external_data)
+
+
+def restore_weights(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give every stripped initializer of `model` (a weightless view, or a pass's output from
+    one) the payload of `source`'s initializer of the same name, byte for byte."""
+    originals = {t.name: t for t in source.graph.initializer}
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and \
-                any(e.key == "location" and e.value == STRIPPED for e in tensor.external_data):
-            if tensor.name not in payload:
+        if is_stripped(tensor):
+            original = originals.get(tensor.name)
+            if original is None or not original.HasField("raw_data"):
                 raise RuntimeError(f"initializer {tensor.name} lost its weights in a graph pass")
-            raw, location = payload[tensor.name]
             del tensor.external_data[:]
-            if location is None:
-                tensor.ClearField("data_location")
+            if original.HasField("data_location"):
+                tensor.data_location = original.data_location
             else:
-                tensor.data_location = location
-            tensor.raw_data = raw
+                tensor.ClearField("data_location")
+            tensor.raw_data = original.raw_data

@@ -156,8 +156,8 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
 
 def _check_fp32_compute(model: onnx.ModelProto, out: list[Violation]) -> None:
     try:
-        with weightless(model):  # types need no weights, and a UNet past 2 GiB cannot serialize
-            inferred = onnx.shape_inference.infer_shapes(model)
+        # types need no weights, and a UNet past 2 GiB cannot serialize
+        inferred = onnx.shape_inference.infer_shapes(weightless(model))
     except Exception as exc:  # a graph ONNX cannot type cannot be judged on types
         out.append(Violation(model.graph.name or "graph", "fp32-compute", f"type inference failed: {exc}"))
         return

@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqd.calibration.params import ConfigQuant, LayerQuant
+from ptqd.exporter.graph_io import restore_weights, weightless
 from ptqd.exporter.onnx_fp import denoiser_name, layer_nodes
 
 INT4, INT8, FP8 = TensorProto.INT4, TensorProto.INT8, TensorProto.FLOAT8E4M3FN
@@ -85,10 +86,13 @@ def storage_types(quant: ConfigQuant, storage: Storage) -> tuple[int, int]:
 
 
 class QDQInserter:
-    def __init__(self, model: onnx.ModelProto, storage: Storage):
+    """Works on a weightless view of the FP graph; the FP weights it quantizes are read from
+    `source` (the FP graph itself)."""
+
+    def __init__(self, model: onnx.ModelProto, storage: Storage, source: onnx.ModelProto):
         self.model = model
         self.storage = storage
-        self.inits = {i.name: i for i in model.graph.initializer}
+        self.inits = {i.name: i for i in source.graph.initializer}
         self.new_nodes: dict[str, list] = {}   # consumer node name -> nodes to put before it
         self.after_nodes: dict[str, list] = {}  # producer node name -> nodes to put after it
         self.new_inits: list = []
@@ -167,14 +171,16 @@ class QDQInserter:
 
 
 def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) -> onnx.ModelProto:
-    """A QDQ copy of the FP graph for one configuration; every calibrated layer must be found."""
-    model = onnx.ModelProto()
-    model.CopyFrom(fp_model)
+    """A QDQ copy of the FP graph for one configuration; every calibrated layer must be found.
+    Built on the FP graph's weightless view: the FP weights the copy keeps (biases, norms,
+    layers kept in float) are copied in at the end, the quantized layers' never are, so a copy
+    costs its own weights, not another FP graph's (SDXL's UNet is 10 GB in FP32)."""
+    model = weightless(fp_model)
     nodes = layer_nodes(model)
     missing = sorted(set(quant.layers) - set(nodes))
     if missing:
         raise ValueError(f"calibrated layers not found in the ONNX graph: {', '.join(missing[:5])}")
-    inserter = QDQInserter(model, storage)
+    inserter = QDQInserter(model, storage, fp_model)
     weight_type, act_type = storage_types(quant, storage)
     for layer, lq in sorted(quant.layers.items()):
         node = nodes[layer]
@@ -185,5 +191,6 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
                 raise ValueError(f"{layer} has no output scale: recalibrate with this version")
             inserter.output(node, layer, float(lq.output_scale))
     model = inserter.finish()
+    restore_weights(model, fp_model)
     model.graph.name = f"{denoiser_name(fp_model)}_{quant.config.name}"
     return model

@@ -96,8 +96,11 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     t0 = time.perf_counter()
     fp_path = export_fp_onnx(model.denoiser, graph_path(onnx_dir, "fp32", "tensorrt", denoiser),
                              example_conditioning(model, spec, 2))
-    fp_model = onnx.load(str(fp_path))
     written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
+    # the QDQ flavours are made from the FP graph alone: the torch modules go before it is
+    # read back, so the denoiser's FP32 weights are held once (an SDXL UNet's are 10 GB)
+    model.release_modules()
+    fp_model = onnx.load(str(fp_path))
     exceptions = {}
     for cfg in sorted(params):
         for flavour, (storage, target) in FLAVOURS.items():
