@@ -215,3 +215,119 @@ def test_negative_prompt_replaces_the_unconditional_half(tiny_sdxl_export, tiny_
     assert_user_error(run_cli("sample", str(tiny_dit_export), "--backend", "onnxruntime", "--negative-prompt",
                               "x", "--output", str(tmp_path / "n.npy")), "text-conditioned")
     assert not (tmp_path / "n.npy").exists()
+
+
+def _folder(out):
+    return Path(json.loads((out / "calibration" / "ptqd.json").read_text())["model"])
+
+
+def _edited_copy(src, dst, path, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / path).read_text())
+    doc.update(changes)
+    (dst / path).write_text(json.dumps(doc))
+    return dst
+
+
+def test_each_folder_is_detected_as_its_family_from_configs_alone(tiny_sdxl_export, tiny_dit_export,
+                                                                  tiny_pixart_export, tiny_text_export,
+                                                                  tiny_class_export, tmp_path):
+    from ptqd.errors import UserError
+    from ptqd.model import resolve_model
+
+    found = {resolve_model(str(_folder(out))).family.name: out
+             for out in (tiny_sdxl_export, tiny_dit_export, tiny_pixart_export, tiny_text_export, tiny_class_export)}
+    assert sorted(found) == ["class-unet2d", "dit", "pixart-alpha", "sd-unet", "sdxl-unet"]
+    assert resolve_model("digits").family.name == "unet2d"
+    refiner = _edited_copy(_folder(tiny_sdxl_export), tmp_path / "refiner", "model_index.json",
+                           requires_aesthetics_score=True)
+    with pytest.raises(UserError, match="refiner"):
+        resolve_model(str(refiner))
+    sigma = _edited_copy(_folder(tiny_pixart_export), tmp_path / "sigma", "model_index.json",
+                         _class_name="PixArtSigmaPipeline")
+    with pytest.raises(UserError, match="PixArt-Sigma is not supported"):
+        resolve_model(str(sigma))
+    import shutil
+
+    no_second = tmp_path / "no-second"
+    shutil.copytree(_folder(tiny_sdxl_export), no_second)
+    shutil.rmtree(no_second / "text_encoder_2")
+    with pytest.raises(UserError, match="text_encoder_2/"):
+        resolve_model(str(no_second))
+
+
+def test_an_output_written_before_model_families_still_samples(tiny_text_export, tmp_path):
+    """pipeline.json format 1 (one CLIP encoder as unet_inputs/max_length) reads as today's spec."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_text_export, out)
+    spec = PipelineSpec.load(out / "scheduler")
+    old = {"format_version": 1, "kind": spec.kind, "guidance_scale": spec.guidance_scale,
+           "unet_inputs": spec.denoiser_inputs, "num_classes": None, "null_class": None,
+           "max_length": spec.text_encoders[0]["max_length"], "negative_prompt": "",
+           "default_conditions": spec.default_conditions, "latent": True, "image_shape": spec.image_shape}
+    (out / "scheduler" / "pipeline.json").write_text(json.dumps(old))
+    read = PipelineSpec.load(out / "scheduler")
+    assert (read.denoiser, read.text_encoders, read.denoiser_inputs) == (spec.denoiser, spec.text_encoders,
+                                                                        spec.denoiser_inputs)
+    np.testing.assert_array_equal(_ptqd_images(out, tmp_path, "--num", "2", "--prompt", "a cat"),
+                                  _ptqd_images(tiny_text_export, tmp_path, "--num", "2", "--prompt", "a cat"))
+    (out / "scheduler" / "pipeline.json").write_text(json.dumps({**old, "format_version": 7}))
+    assert_user_error(run_cli("sample", str(out), "--backend", "onnxruntime", "--output", str(tmp_path / "x.npy")),
+                      "pipeline.json does not read")
+
+
+def test_sampling_an_output_on_onnxruntime_imports_neither_torch_nor_diffusers(tiny_sdxl_export, tmp_path):
+    """In a real interpreter: `ptqd sample OUT --backend onnxruntime` (mixed, and an ablation
+    refolded from the saved schedule) runs on numpy, onnxruntime and tokenizers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ptqd.cli import main\n"
+            "for extra in ([], ['--precision', 'w4a8', '--no-correction']):\n"
+            "    try:\n"
+            f"        main(['sample', {str(tiny_sdxl_export)!r}, '--backend', 'onnxruntime', '--num', '1',\n"
+            f"              '--output', {str(tmp_path / 'x.npy')!r}, '--force', *extra])\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code in (0, None), exc.code\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_pixart_added_conditions_are_graph_inputs_when_the_transformer_uses_them(tiny_pixart_export, tmp_path):
+    """PixArt-alpha at 1024 px conditions on resolution and aspect ratio (use_additional_conditions,
+    true for sample_size 128): here forced on a tiny transformer, they become graph inputs the
+    conditioner fills with the pipeline's values, and ONNX Runtime computes what torch does."""
+    from ptqd.calibration.trajectory import TorchUNetEngine
+    from ptqd.conditions import example_conditioning, pipeline_spec
+    from ptqd.exporter.onnx_fp import export_fp_onnx
+    from ptqd.model import load_model
+    from ptqd.runtime.onnxruntime import OnnxRuntimeUNet
+
+    import shutil
+
+    from diffusers import PixArtTransformer2DModel
+
+    folder = tmp_path / "pixart"
+    shutil.copytree(_folder(tiny_pixart_export), folder)
+    config = PixArtTransformer2DModel.load_config(str(folder / "transformer"))
+    torch.manual_seed(0)
+    PixArtTransformer2DModel.from_config({**config, "use_additional_conditions": True}).save_pretrained(
+        str(folder / "transformer"))
+    model = load_model(str(folder), 10)
+    spec = pipeline_spec(model, None)
+    assert spec.constant_inputs == {"resolution": [16.0, 16.0], "aspect_ratio": [1.0]}
+    assert [(i["name"], i["dims"]) for i in spec.denoiser_inputs[2:]] == [("resolution", [2]), ("aspect_ratio", [1])]
+    cond = example_conditioning(model, spec, 2)
+    graph = export_fp_onnx(model.denoiser, tmp_path / "transformer_fp32.onnx", cond)
+    assert list(_inputs(graph)) == ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                                    "resolution", "aspect_ratio"]
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([900.0, 100.0], np.float32)
+    expected = TorchUNetEngine(model.denoiser)(x, t, **cond)
+    assert np.abs(OnnxRuntimeUNet(graph)(x, t, **cond) - expected).max() < 1e-4

@@ -37,11 +37,14 @@ def _img(images: dict[str, bytes], name: str, alt: str) -> str:
 
 
 def _variants(m: dict) -> str:
+    classes = any("class_accuracy" in r for r in m["variants"].values())
     rows = []
     for name, r in m["variants"].items():
         rows.append([name, _num(r.get("frechet_distance"), ".2f"), _num(r.get("mse"), ".3e"),
-                     _num(r.get("psnr_db"), ".2f"), _num(r["images_per_second"], ".1f")])
-    return _table(["variant", "Fréchet distance", "MSE to FP32", "PSNR to FP32 (dB)", "images/s"], rows)
+                     _num(r.get("psnr_db"), ".2f"), _num(r["images_per_second"], ".1f")]
+                    + ([_num(r.get("class_accuracy"), ".3f")] if classes else []))
+    return _table(["variant", "Fréchet distance", "MSE to FP32", "PSNR to FP32 (dB)", "images/s"]
+                  + (["class accuracy"] if classes else []), rows)
 
 
 def _steps(m: dict) -> str:

@@ -94,8 +94,17 @@ def _sample_all(out: Path, doc: dict, num: int, seed: int) -> list:
     return variants
 
 
-def _variant_rows(variants: list, num: int, features, reference) -> dict:
-    """Per variant: error to the same-seed FP32 sample, distribution metric, sampling time."""
+def asked_labels(spec, num: int) -> np.ndarray | None:
+    """The class image j of a report's samples was asked for (the calibrated classes, j % count,
+    as `ptqd sample` conditions them); None for a model that takes no class."""
+    if spec.kind != "class":
+        return None
+    return np.array([spec.default_conditions[j % len(spec.default_conditions)] for j in range(num)])
+
+
+def _variant_rows(variants: list, num: int, features, reference, labels: np.ndarray | None) -> dict:
+    """Per variant: error to the same-seed FP32 sample, distribution metric, for a class model
+    the shipped classifier's accuracy on the label each image was asked for, sampling time."""
     from ptqd.evaluation.metrics import frechet_distance
 
     fp = variants[0]
@@ -107,6 +116,8 @@ def _variant_rows(variants: list, num: int, features, reference) -> dict:
             row.update(per_sample_error(v.images, fp.images))
         if features is not None:
             row["frechet_distance"] = frechet_distance(features(v.images), reference)
+            if labels is not None:
+                row["class_accuracy"] = float((features.predict(v.images) == labels).mean())
         rows[v.name] = row
     return rows
 
@@ -187,10 +198,11 @@ def measure(out: Path, num: int, seed: int) -> tuple[dict, dict[str, bytes]]:
 
     doc = load_ptqd_json(out / "calibration")
     resolve_model(doc["model"])  # before minutes of sampling: the distribution metric reads its classifier
-    denoiser = PipelineSpec.load(out / "scheduler").denoiser
+    spec = PipelineSpec.load(out / "scheduler")
+    denoiser = spec.denoiser
     variants = _sample_all(out, doc, num, seed)
     dist_name, features, reference = _distribution(doc)
-    rows = _variant_rows(variants, num, features, reference)
+    rows = _variant_rows(variants, num, features, reference, asked_labels(spec, num))
     errors = {v.name: step_errors(v, variants[0]) for v in variants if v.precision == "mixed"}
     per_config = _per_config_steps(doc)
     steps = _schedule_steps(doc, per_config, errors)
@@ -218,6 +230,9 @@ def headline(metrics: dict) -> dict:
         quality = (f"FD {ptqd['frechet_distance']:.2f} with PTQD vs {fp['frechet_distance']:.2f} FP32 "
                    f"({naive['frechet_distance']:.2f} without the correction); MSE to FP32 "
                    f"{ptqd['mse']:.2e} vs {naive['mse']:.2e} naive")
+        if "class_accuracy" in fp:
+            quality += (f"; class accuracy {ptqd['class_accuracy'] * 100:.1f} % with PTQD vs "
+                        f"{fp['class_accuracy'] * 100:.1f} % FP32")
     else:
         quality = f"MSE to FP32 {ptqd['mse']:.2e} with PTQD vs {naive['mse']:.2e} naive (PSNR {ptqd['psnr_db']:.1f} dB)"
     sizes = metrics["sizes"]
