@@ -26,7 +26,7 @@ BACKENDS_SAMPLE = ("torch", "onnxruntime", "tensorrt")
 
 def _model_option(f):
     return click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                        help="Built-in model name, diffusers pipeline folder, or UNet folder.")(f)
+                        help="Built-in model name (digits, digits-dit), diffusers pipeline folder, or denoiser folder.")(f)
 
 
 def _steps_option(f):
@@ -95,7 +95,7 @@ def cli(debug: bool) -> None:
 @click.option("--eta", type=click.FloatRange(min=0.0, max=1.0), default=None,
               help="DDIM eta [default: 0, or OUT's calibrated eta].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Samples per UNet call [default: 64, or the engines' profile maximum].")
+              help="Samples per denoiser call [default: 64, or the engines' profile maximum].")
 @click.option("--backend", type=click.Choice(BACKENDS_SAMPLE), default="torch", show_default=True)
 @click.option("--precision", default="mixed", show_default=True,
               help="With OUT: mixed (the calibrated schedule), fp32 (full precision), or a calibrated configuration (w4a8, w8a8, fp8, fp16...).")
@@ -135,7 +135,7 @@ def _calibration_options(f):
                           "runs FP8 on Ada and Hopper GPUs). Extra configurations: --configs (fp8, fp16, w8a8)."),
         _device_option,
         click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
-                     help="Measure the per-layer sensitivity map (calibration/sensitivity.json): one UNet call "
+                     help="Measure the per-layer sensitivity map (calibration/sensitivity.json): one denoiser call "
                           "per quantized layer on 32 recorded inputs."),
         click.option("--weight-rounding", type=click.Choice(["nearest", "gptq"]), default=None,
                      help="How weights meet their grid: nearest, or GPTQ reconstruction on the calibration "
@@ -144,7 +144,7 @@ def _calibration_options(f):
         click.option("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, show_default=True,
                      help="Full-precision trajectories recorded for calibration."),
         click.option("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, show_default=True,
-                     help="Samples per UNet call in calibration (trajectories, statistics, GPTQ and sensitivity "
+                     help="Samples per denoiser call in calibration (trajectories, statistics, GPTQ and sensitivity "
                           "probes; a guided model runs twice as many per call); lower it when a large model "
                           "runs out of memory."),
         click.option("--mixed-precision", default=DEFAULT_POLICY, show_default=True,
@@ -240,7 +240,7 @@ def build(out, backend, batch, force):
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--unets", default="auto", show_default=True,
-              help="How the sampler runs the UNets: tensorrt (plans as Triton TensorRT models, via BLS), "
+              help="How the sampler runs the denoisers (UNets or transformers): tensorrt (plans as Triton TensorRT models, via BLS), "
                    "onnxruntime (Python-backend ONNX Runtime models, via BLS), in-process (ONNX Runtime "
                    "inside the sampler), or auto (tensorrt when OUT has plans, else in-process).")
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,

@@ -228,11 +228,11 @@ def _engine_batch_size(req: SampleRequest, per_image: int = 1) -> int:
     if req.batch_size is None:
         if hi < per_image:
             raise UserError(f"the engines' profile {lo}..{hi} cannot take one guided image ({per_image} "
-                            f"samples per UNet call); rebuild with `ptqd build {req.out} --batch ... --force`")
+                            f"samples per denoiser call); rebuild with `ptqd build {req.out} --batch ... --force`")
         return hi
     unet_batch = min(req.batch_size, req.num) * per_image
     if not lo <= unet_batch <= hi:
-        raise UserError(f"UNet batch {unet_batch} is outside the engines' profile {lo}..{hi}; "
+        raise UserError(f"denoiser batch {unet_batch} is outside the engines' profile {lo}..{hi}; "
                         f"use --batch-size within it or rebuild with `ptqd build {req.out} --batch ... --force`")
     return req.batch_size
 

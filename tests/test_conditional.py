@@ -55,7 +55,7 @@ def test_text_export_writes_conditioned_unet_graphs_decoder_encoder_and_schedule
     assert "--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x16x32" in script
     # ... the decoder from its FP16 copy (strongly typed: the graph's precision is the engine's)
     assert "--onnx=onnx/vae_decoder.fp16.onnx" in script and "--maxShapes=latents:8x4x8x8" in script
-    assert "--onnx=onnx/text_encoder.onnx" in script and "--maxShapes=input_ids:8x16" in script
+    assert "--onnx=onnx/text_encoder.fp16.onnx" in script and "--maxShapes=input_ids:8x16" in script
     assert _inputs(out / "onnx" / "vae_decoder.fp16.onnx") == _inputs(out / "onnx" / "vae_decoder.onnx")
     weights = onnx.load(str(out / "onnx" / "vae_decoder.fp16.onnx")).graph.initializer
     assert {w.data_type for w in weights if len(w.dims) > 1} == {onnx.TensorProto.FLOAT16}

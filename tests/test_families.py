@@ -133,7 +133,16 @@ def test_sdxl_unet_takes_demodiffusion_inputs_from_two_text_encoders(tiny_sdxl_e
         assert (out / "scheduler" / folder / "tokenizer.json").is_file()
         assert (out / "triton" / "ptqd_sampler" / "1" / folder / "tokenizer.json").is_file()
     script = (out / "engines" / "build_engines.sh").read_text()
-    assert "--onnx=onnx/text_encoder_2.onnx" in script and "--saveEngine=engines/text_encoder_2.plan" in script
+    # both CLIP encoders built in FP16 from their converted copies, checked against the FP32 graphs
+    assert "--onnx=onnx/text_encoder_2.fp16.onnx" in script and "--saveEngine=engines/text_encoder_2.plan" in script
+    assert "check_plan text_encoder_2 text_encoder_2.onnx" in script
+    from ptqd.runtime.onnxruntime import OnnxRuntimeGraph
+
+    ids = np.random.default_rng(0).integers(0, 300, size=(2, 16)).astype(np.int64)
+    full, half = (OnnxRuntimeGraph(out / "onnx" / g).outputs(input_ids=ids)
+                  for g in ("text_encoder_2.onnx", "text_encoder_2.fp16.onnx"))
+    # measured on this tiny random CLIP: 1.4e-3 at most, on values of mean magnitude 0.3-0.9
+    assert all(np.abs(full[k] - half[k]).max() < 5e-3 for k in full)
     assert ("--minShapes=sample:1x4x8x8,timestep:1,encoder_hidden_states:1x16x64,text_embeds:1x32,time_ids:1x6"
             in script)
     log = (out.parent / "export-trt.log").read_text()
@@ -178,6 +187,9 @@ def test_pixart_transformer_reads_t5_states_under_their_mask(tiny_pixart_export,
         "encoder_attention_mask": ["batch", 120]}
     assert _inputs(out / "onnx" / "text_encoder.onnx") == {"input_ids": ["batch", 120],
                                                            "attention_mask": ["batch", 120]}
+    # T5 stays FP32 for TensorRT too (its attention bias holds float32's lowest value)
+    assert not (out / "onnx" / "text_encoder.fp16.onnx").exists()
+    assert "--onnx=onnx/text_encoder.onnx" in (out / "engines" / "build_engines.sh").read_text()
     spec = _spec(out)
     assert (spec.family, spec.mask_input, spec.prompt_preparation) == ("pixart-alpha", "encoder_attention_mask",
                                                                        "lower-strip")
@@ -271,8 +283,9 @@ def test_an_output_written_before_model_families_still_samples(tiny_text_export,
            "default_conditions": spec.default_conditions, "latent": True, "image_shape": spec.image_shape}
     (out / "scheduler" / "pipeline.json").write_text(json.dumps(old))
     read = PipelineSpec.load(out / "scheduler")
-    assert (read.denoiser, read.text_encoders, read.denoiser_inputs) == (spec.denoiser, spec.text_encoders,
-                                                                        spec.denoiser_inputs)
+    # what differs: that output's TensorRT text encoder was its FP32 graph
+    assert read.text_encoders == [{**e, "fp16": False} for e in spec.text_encoders]
+    assert (read.denoiser, read.denoiser_inputs) == (spec.denoiser, spec.denoiser_inputs)
     np.testing.assert_array_equal(_ptqd_images(out, tmp_path, "--num", "2", "--prompt", "a cat"),
                                   _ptqd_images(tiny_text_export, tmp_path, "--num", "2", "--prompt", "a cat"))
     (out / "scheduler" / "pipeline.json").write_text(json.dumps({**old, "format_version": 7}))

@@ -62,7 +62,7 @@ class CalibrationRequest:
         if self.calib_samples < 8:
             raise UserError(f"--calib-samples {self.calib_samples} is too few (at least 8)")
         if self.calib_batch < 1:
-            raise UserError(f"--calib-batch {self.calib_batch}: at least 1 sample per UNet call")
+            raise UserError(f"--calib-batch {self.calib_batch}: at least 1 sample per denoiser call")
         if self.correction not in ("auto", *CORRECTIONS):
             raise UserError(f"--correction {self.correction!r}: expected auto or {', '.join(CORRECTIONS)}")
         if self.weight_rounding not in (None, *WEIGHT_ROUNDINGS):

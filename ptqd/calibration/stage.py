@@ -153,7 +153,7 @@ def print_sensitivity(doc: dict, top: int = 5) -> None:
                f"{doc['all_layers_mse']:.2e}; full map in calibration/sensitivity.json):")
     for r in rows:
         click.echo(f"  {r['mse']:.2e}  {r['macs_share'] * 100:4.1f} % MACs  {r['layer']}")
-    click.echo(f"  (these {len(rows)} hold {share(rows) * 100:.1f} % of the UNet's Conv/Linear MACs)")
+    click.echo(f"  (these {len(rows)} hold {share(rows) * 100:.1f} % of the denoiser's Conv/Linear MACs)")
 
 
 def _document(req, source, base, policy, configs, quants, layers, timeline, stats, bops, schedule, seconds):

@@ -123,7 +123,7 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
     spec = PipelineSpec.load(out / "scheduler")
     profile = engine_profile(out)
     if spec.guided and profile.max < 2:
-        raise UserError(f"{out}: the engines' batch profile {profile} cannot take one guided image (2 UNet "
+        raise UserError(f"{out}: the engines' batch profile {profile} cannot take one guided image (2 denoiser "
                         f"samples); rebuild with `ptqd build {out} --batch 1,2,4 --force` (or larger)")
     models = graph_models(out, schedule, spec)
     mode = resolve_unets(out, models, unets)
@@ -151,5 +151,5 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
             config = model_config.onnxruntime_model(name, io, profile, threads)
         model_config.write_config(dest / name, config)
     names = [SAMPLER] + (list(models) if mode != "in-process" else [])
-    click.echo(f"[triton] models {', '.join(names)} (UNets: {mode}, batch up to {profile.max})")
+    click.echo(f"[triton] models {', '.join(names)} (denoisers: {mode}, batch up to {profile.max})")
     return mode

@@ -1,6 +1,6 @@
 """What the engines stage builds: the deployment's graphs (runtime.layout.deployment): one
 engine per configuration of the schedule's denoiser and, for latent and text-conditioned
-models, the VAE decoder (from its FP16 copy) and the FP32 text encoders beside them. The
+models, the VAE decoder and text encoders (from their FP16 copies; a T5 encoder in FP32). The
 TensorRT builder, the generated build script and the ONNX Runtime engines all work from this
 list."""
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _note(graph: DeployedGraph, schedule: FoldedSchedule, spec: PipelineSpec) ->
         return f"{graph.config}: runs {steps} of the schedule's steps" + (
             " (guided: 2 denoiser samples per image)" if spec.guided else "")
     if graph.role == TEXT_ENCODER_ROLE:
-        return f"the text encoder {graph.name}, FP32: once per chunk of prompts"
+        return f"the text encoder {graph.name}, {graph.config.upper()}: once per chunk of prompts"
     return "the VAE decoder, FP16: once per image after the last step"
 
 

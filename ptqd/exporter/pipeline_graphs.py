@@ -6,11 +6,12 @@ Only the denoiser is quantized; these run once per image rather than once per st
 they ship in float: FP32, and for TensorRT an FP16 copy of the VAE decoder, the heavy one
 (strongly typed builds take their precision from the graph, so an FP16 engine needs FP16
 weights and math in the graph itself); the copy keeps float32 input and output, so every
-runtime calls it the same way. The text encoders stay FP32 everywhere: traced in half,
-transformers' CLIP mixes float32 into its residual stream (a float32 LayerNormalization input
-with FP16 scale, which ONNX rejects), and they run once per prompt batch. Same exporter
-settings as the denoiser's graph (onnx_fp): TorchScript exporter, opset 21, dynamic batch,
-one self-contained file (external data past 2 GiB), checked in full after writing.
+runtime calls it the same way. A text encoder is not traced in half (transformers' CLIP mixes
+float32 into its residual stream: a float32 LayerNormalization input with FP16 scale, which
+ONNX rejects); its FP32 graph is converted instead (exporter.stage.fp16_copy, the pass the
+denoiser's TensorRT graph goes through), except a T5 encoder's, which stays FP32. Same
+exporter settings as the denoiser's graph (onnx_fp): TorchScript exporter, opset 21, dynamic
+batch, one self-contained file (external data past 2 GiB), checked in full after writing.
 """
 from __future__ import annotations
 

@@ -61,9 +61,18 @@ def calibrated_spec(model, doc: dict):
     return pipeline_spec(model, scale, tuple(cond.get("calibration_conditions", ())))
 
 
+def fp16_copy(fp32: Path, path: Path) -> Path:
+    """The FP16 copy TensorRT builds of a float graph (a CLIP text encoder): folded, every
+    float tensor FP16 inside, float32 at its inputs and outputs; checked and linted."""
+    folded, _, _ = fold_and_clean(onnx.load(str(fp32)))
+    _save_checked(convert_to_fp16(folded), path, "tensorrt")
+    return path
+
+
 def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
     """Float graphs of what runs around the denoiser, as the deployment lists them: each text
-    encoder (FP32), the VAE decoder (FP32, and the FP16 copy TensorRT builds)."""
+    encoder and the VAE decoder in FP32 (ONNX Runtime's), and the FP16 copies TensorRT builds
+    (a T5 encoder's stays FP32)."""
     from ptqd.conditions import latent_shape, text_encoder_modules
     from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
 
@@ -74,6 +83,8 @@ def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
         if graph.role == TEXT_ENCODER_ROLE:
             written.append(export_text_encoder(modules[graph.name], onnx_dir / graph.cpu_graph,
                                                encoders[graph.name]["max_length"]))
+            if graph.tensorrt_graph != graph.cpu_graph:
+                written.append(fp16_copy(written[-1], onnx_dir / graph.tensorrt_graph))
         elif graph.role == VAE_DECODER_ROLE:
             shape = tuple(latent_shape(model.denoiser))
             written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, shape))

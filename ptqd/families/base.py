@@ -30,6 +30,10 @@ class TextEncoderPart:
     pooled: str | None = None      # the denoiser input its pooled projection feeds (SDXL: text_embeds)
     mask: bool = False             # the encoder reads the tokenizer's attention mask (T5)
     max_length: int | None = None  # tokens per prompt; None: the tokenizer's model_max_length
+    # TensorRT builds an FP16 copy of its graph (exporter.fp16); False keeps FP32 where FP16
+    # cannot hold the encoder (T5: its attention bias uses float32's lowest value, and T5's
+    # activations are known to overflow FP16)
+    fp16: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class ModelFamily:
             if part.pooled:
                 outputs.append({"name": part.pooled, "dims": [int(config.projection_dim)]})
             entries.append({"name": part.component, "tokenizer": part.tokenizer, "max_length": length,
-                            "mask": part.mask, "outputs": outputs})
+                            "mask": part.mask, "fp16": part.fp16, "outputs": outputs})
         return entries
 
     # --- layers -------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class PixArtAlpha(DiffusionTransformer):
     denoiser_classes = ("PixArtTransformer2DModel",)
     kind = "text"
     text_parts = (TextEncoderPart("text_encoder", "tokenizer", ("T5EncoderModel",), ("T5Tokenizer", "T5TokenizerFast"),
-                                  mask=True, max_length=PIXART_TOKENS),)
+                                  mask=True, max_length=PIXART_TOKENS, fp16=False),)
     prompt_preparation = "lower-strip"
     default_guidance = 4.5   # PixArtAlphaPipeline's
     # Model Optimizer's defaults keep pos_embed and the text projection (SD3's context_embedder is

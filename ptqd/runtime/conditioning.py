@@ -110,8 +110,9 @@ def _from_version_1(doc: dict) -> dict:
     doc["denoiser_inputs"] = doc.pop("unet_inputs", [])
     max_length = doc.pop("max_length", None)
     if doc.get("kind") == "text":
+        # its TensorRT graph was the FP32 one (no FP16 copy was written then)
         doc["text_encoders"] = [{"name": "text_encoder", "tokenizer": "tokenizer", "max_length": max_length,
-                                 "mask": False, "outputs": [{"name": TEXT_OUTPUT,
+                                 "mask": False, "fp16": False, "outputs": [{"name": TEXT_OUTPUT,
                                                              "dims": doc["denoiser_inputs"][0]["dims"]}]}]
     return doc
 

@@ -123,7 +123,7 @@ class DeployedGraph:
     `ptqd sample` runs and `ptqd verify` checks, under one name (plan stem, Triton model)."""
     name: str              # unet_w4a8, transformer_fp16, text_encoder_2, vae_decoder
     role: str              # DENOISER_ROLE, TEXT_ENCODER_ROLE or VAE_DECODER_ROLE
-    config: str            # the denoiser's configuration; fp16 (decoder) or fp32 (text encoders)
+    config: str            # the denoiser's configuration; fp16 or fp32 for the decoder and text encoders
     tensorrt_graph: str    # the file in OUT/onnx that TensorRT builds
     cpu_graph: str         # the file in OUT/onnx that ONNX Runtime runs instead
     io: Interface
@@ -136,8 +136,9 @@ class DeployedGraph:
 def deployment(spec, sample_shape: list[int], configs: list[str]) -> list[DeployedGraph]:
     """The graphs a deployment of `spec` (a runtime.conditioning.PipelineSpec) consists of: the
     denoiser once per configuration in `configs` (its TensorRT graph, and the CPU-fast graph
-    ONNX Runtime runs), then each text encoder (FP32), then the VAE decoder (TensorRT builds
-    its FP16 copy). Listed here once; the engines, Triton, sampling and verify loop over it."""
+    ONNX Runtime runs), then each text encoder, then the VAE decoder (ONNX Runtime runs their
+    FP32 graphs; TensorRT builds the FP16 copies, a T5 encoder's FP32 graph). Listed here once;
+    the engines, Triton, sampling and verify loop over it."""
     denoiser = spec.denoiser
     graphs = [DeployedGraph(denoiser_model_name(denoiser, cfg), DENOISER_ROLE, cfg,
                             graph_path(Path(), cfg, "tensorrt", denoiser).name,
@@ -145,8 +146,9 @@ def deployment(spec, sample_shape: list[int], configs: list[str]) -> list[Deploy
                             denoiser_io(sample_shape, spec.denoiser_inputs))
               for cfg in configs]
     for encoder in spec.text_encoders:
-        graph = f"{encoder['name']}.onnx"
-        graphs.append(DeployedGraph(encoder["name"], TEXT_ENCODER_ROLE, "fp32", graph, graph,
+        name, fp16 = encoder["name"], encoder.get("fp16", False)
+        graphs.append(DeployedGraph(name, TEXT_ENCODER_ROLE, "fp16" if fp16 else "fp32",
+                                    FP16_GRAPH.format(name=name) if fp16 else f"{name}.onnx", f"{name}.onnx",
                                     text_encoder_io(encoder)))
     if spec.latent:
         graphs.append(DeployedGraph(VAE_DECODER, VAE_DECODER_ROLE, "fp16", FP16_GRAPH.format(name=VAE_DECODER),
