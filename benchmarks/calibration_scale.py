@@ -1,12 +1,18 @@
-"""ptqd at Stable Diffusion 1.5's size: a UNet built from SD 1.5's published UNet configuration
-(random weights, its real shapes and 860 M parameters), CLIP ViT-L/14's text-encoder shapes and
-SD's VAE, run through the stages export-trt runs, on this machine.
+"""ptqd at Stable Diffusion's sizes: a UNet built from SD 1.5's (or SDXL's) published UNet
+configuration (random weights, its real shapes: 860 M parameters, SDXL's 2.6 B), the text
+encoders' shapes (CLIP ViT-L/14; SDXL adds OpenCLIP ViT-bigG/14) and SD's VAE, run through the
+stages export-trt runs, on this machine.
 
     .venv/bin/python benchmarks/calibration_scale.py WORK [--latent 16] [--samples 8] [--steps 2]
+    .venv/bin/python benchmarks/calibration_scale.py WORK --layout sdxl --depth 6 --skip-memory-runs
+
+SDXL's UNet holds 10 transformer layers in each attention block at 1280 channels (60 of its
+70); --depth sets that count, so a UNet that fits this machine's 24 GB can be run (6: 1.7 B
+parameters; the full model's memory and time are estimated from it, and say so).
 
 What it does, each stage in its own process (so its wall time and peak resident memory are its
 own, read from wait4):
-  1. builds the pipeline folder WORK/sd15-shaped once (the latent size reduced to --latent,
+  1. builds the pipeline folder WORK/<layout>-shaped once (the latent size reduced to --latent,
      which changes no weight: a UNet's parameters do not depend on its sample size);
   2. times single UNet calls (guided: a batch of 2) at --latent and at SD's 64x64;
   3. `ptqd calibrate` (nearest rounding, no sensitivity map: the map costs one UNet call per
@@ -52,34 +58,62 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=2, norm_num_groups=32)
+# SDXL base (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json) but the sample size and,
+# with --depth, the transformer layers of its 1280-channel blocks
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+)
+SDXL_DEPTH = 10
+# OpenCLIP ViT-bigG/14's text transformer (SDXL's text_encoder_2): 32 layers of width 1280
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280)
 DEFAULTS = dict(steps=50, samples=128, guidance=2)  # calibrate's defaults; guidance doubles every call
 
 
-def build_pipeline(folder: Path, latent: int) -> dict:
-    """SD-1.5-shaped random-weight pipeline at `folder` (kept between runs)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_pipeline(folder: Path, latent: int, layout: str = "sd15", depth: int = SDXL_DEPTH) -> dict:
+    """SD-1.5- or SDXL-shaped random-weight pipeline at `folder` (kept between runs)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if (folder / "model_index.json").is_file():
         info = json.loads((folder / "ptqd_scale.json").read_text())
-        if info["latent"] != latent:
-            raise SystemExit(f"{folder} was built at latent size {info['latent']}, not {latent}: remove it first")
+        if (info["latent"], info.get("depth")) != (latent, depth if layout == "sdxl" else None):
+            raise SystemExit(f"{folder} was built at latent size {info['latent']}, depth {info.get('depth')}: "
+                             "remove it first")
         return info
     t0 = time.perf_counter()
     staging = folder.with_name(folder.name + ".partial")
     with quiet_libraries(), torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         tokenizer = build_tokenizer(max_length=77)
-        text = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            pad_token_id=tokenizer.pad_token_id, **SD15_TEXT)).eval()
-        unet = UNet2DConditionModel(sample_size=latent, **SD15_UNET).eval()
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+        text = CLIPTextModel(CLIPTextConfig(**ids, **SD15_TEXT)).eval()
         vae = AutoencoderKL(sample_size=latent * 8, **SD15_VAE).eval()
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                       scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        if layout == "sd15":
+            unet = UNet2DConditionModel(sample_size=latent, **SD15_UNET).eval()
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                           scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+            texts = [text]
+        else:
+            tokenizer_2 = build_tokenizer(max_length=77, pad_token="!")
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **SDXL_TEXT_2)).eval()
+            unet = UNet2DConditionModel(sample_size=latent, transformer_layers_per_block=(1, 2, depth),
+                                        **SDXL_UNET).eval()
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                             tokenizer_2=tokenizer_2, unet=unet, scheduler=build_scheduler(),
+                                             add_watermarker=False)
+            texts = [text, text_2]
         pipe.save_pretrained(staging)
-    info = {"latent": latent, "unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "text_encoder_parameters": sum(p.numel() for p in text.parameters()),
+    info = {"layout": layout, "latent": latent, "depth": depth if layout == "sdxl" else None,
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "text_encoder_parameters": sum(p.numel() for t in texts for p in t.parameters()),
             "vae_parameters": sum(p.numel() for p in vae.parameters()),
             "build_s": round(time.perf_counter() - t0, 1)}
     (staging / "ptqd_scale.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -88,18 +122,26 @@ def build_pipeline(folder: Path, latent: int) -> dict:
 
 
 def unet_call_seconds(folder: Path, sizes: list[int], repeats: int = 2) -> dict[int, float]:
-    """Best of `repeats` guided UNet calls (batch 2: conditional and unconditional) per latent size."""
+    """Best of `repeats` guided UNet calls (batch 2: conditional and unconditional) per latent
+    size, made as calibration makes them (the model family's call)."""
     from diffusers import UNet2DConditionModel
 
+    from ptqd.families import family_of_module
+
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    family, width = family_of_module(unet), unet.config.cross_attention_dim
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.randn(2, 6)}
     out = {}
     with torch.no_grad():
         for size in sizes:
-            x, t, text = torch.randn(2, 4, size, size), torch.tensor([999.0, 999.0]), torch.randn(2, 77, 768)
+            x, t, text = torch.randn(2, 4, size, size), torch.tensor([999.0, 999.0]), torch.randn(2, 77, width)
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                unet(x, t, encoder_hidden_states=text)
+                family.forward(unet, x, t, encoder_hidden_states=text, **extra)
                 best = min(best, time.perf_counter() - t0)
             out[size] = round(best, 2)
     return out
@@ -141,7 +183,10 @@ def calibrate_args(model: Path, out: Path, samples: int, steps: int, batch: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work", type=Path, help="Folder for the pipeline, the outputs and the log (tens of GB).")
-    ap.add_argument("--latent", type=int, default=16, help="Latent size of the run (SD 1.5: 64).")
+    ap.add_argument("--latent", type=int, default=16, help="Latent size of the run (SD 1.5: 64, SDXL: 128).")
+    ap.add_argument("--layout", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--depth", type=int, default=SDXL_DEPTH,
+                    help=f"sdxl: transformer layers per 1280-channel attention block (published: {SDXL_DEPTH}).")
     ap.add_argument("--samples", type=int, default=8, help="Calibration trajectories of the main run (at least 8).")
     ap.add_argument("--steps", type=int, default=2, help="Steps of the main run.")
     ap.add_argument("--calib-batch", type=int, default=4)
@@ -150,16 +195,17 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "stages.log"
-    model = work / "sd15-shaped"
+    model = work / f"{args.layout}-shaped"
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                     "torch": torch.__version__, "latent": args.latent, "samples": args.samples,
+                     "torch": torch.__version__, "layout": args.layout, "latent": args.latent, "samples": args.samples,
                      "steps": args.steps, "calib_batch": args.calib_batch}
     t0 = time.perf_counter()
     # in a child process each, so this one holds no model while the stages' memory is measured
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        results["model"] = pool.apply(build_pipeline, (model, args.latent))
+        results["model"] = pool.apply(build_pipeline, (model, args.latent, args.layout, args.depth))
         print(f"[scale] pipeline: {json.dumps(results['model'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        results["unet_call_s"] = pool.apply(unet_call_seconds, (model, sorted({args.latent, 64})))
+        native = 64 if args.layout == "sd15" else 128
+        results["unet_call_s"] = pool.apply(unet_call_seconds, (model, sorted({args.latent, native})))
     print(f"[scale] guided UNet call (batch 2), seconds by latent size: {results['unet_call_s']}", flush=True)
 
     out = work / "out"
@@ -191,11 +237,11 @@ def main() -> None:
 
     # estimated: UNet calls at the defaults x the measured 64x64 call (one call = one guided sample)
     calls = DEFAULTS["steps"] * DEFAULTS["samples"]
-    per_call = results["unet_call_s"][64]
+    per_call = results["unet_call_s"][native]
     results["estimated_defaults"] = {
-        "fp_trajectory_calls": calls, "seconds_per_guided_call_64": per_call,
+        "fp_trajectory_calls": calls, f"seconds_per_guided_call_{native}": per_call,
         "fp_trajectories_hours": round(calls * per_call / 3600, 1),
-        "note": "estimated: calls x the measured single-sample 64x64 guided call on this CPU; each quantized "
+        "note": f"estimated: calls x the measured single-sample {native}x{native} guided call on this CPU; each quantized "
                 "configuration's PTQD statistics rerun the same calls (one more such block per configuration)"}
     (work / "calibration_scale.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -156,7 +156,9 @@ def tiny_sdxl_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dit_export(tmp_path_factory):
-    return _family_export(tmp_path_factory, "dit", "--classes", "1,2,3,500")
+    """DiT with every configuration ptqd has beside the base w4a8 and w8a8: the 4-bit activation
+    grid, FP8 and the float engine."""
+    return _family_export(tmp_path_factory, "dit", "--classes", "1,2,3,500", "--configs", "w4a4,fp8,fp16")
 
 
 @pytest.fixture(scope="session")

@@ -344,3 +344,47 @@ def test_pixart_added_conditions_are_graph_inputs_when_the_transformer_uses_them
     t = np.array([900.0, 100.0], np.float32)
     expected = TorchUNetEngine(model.denoiser)(x, t, **cond)
     assert np.abs(OnnxRuntimeUNet(graph)(x, t, **cond) - expected).max() < 1e-4
+
+
+def test_dit_in_every_configuration_with_attention_left_to_tensorrt(tiny_dit_export, tmp_path):
+    """Every weight Linear quantized in every configuration (INT8, the 4-bit grids, FP8; the
+    float engine's FP16 graph), each graph linted; attention's activation-by-activation MatMuls
+    and Softmax stay unquantized FP16 in the TensorRT graphs, where TensorRT fuses them."""
+    out = tiny_dit_export
+    plan = json.loads((out / "onnx" / "precision_plan.json").read_text())["configs"]
+    assert sorted(plan) == ["fp16", "fp8", "w4a4", "w4a8", "w8a8"]
+    linear = [e for e in plan["fp8"]["layers"] if e["op"] in ("MatMul", "Gemm")]
+    assert linear and all(e["requested"] == "fp8" for e in linear if e["role"] not in
+                          ("time embedder", "final adaLN modulation", "final layer (eps and variance)"))
+    graphs = ["transformer_w4a4.onnx", "transformer_fp8.onnx", "transformer_fp16.onnx"]
+    assert run_cli("lint", *(str(out / "onnx" / g) for g in graphs)).returncode == 0
+    for name in graphs:
+        graph = onnx.load(str(out / "onnx" / name)).graph
+        producer = {o: n for n in graph.node for o in n.output}
+        inits = {i.name for i in graph.initializer}
+        scores = [n for n in graph.node if n.op_type == "MatMul"
+                  and not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                              or i in inits for i in n.input)]
+        assert len(scores) == 4   # QK^T and PV in each of the two blocks
+        typed = onnx.shape_inference.infer_shapes(onnx.load(str(out / "onnx" / name)))
+        types = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+        for node in scores + [n for n in graph.node if n.op_type == "Softmax"]:
+            assert {types.get(i) for i in node.input} == {onnx.TensorProto.FLOAT16}, (name, node.name)
+
+
+def test_a_family_output_resumes_and_reports(tiny_dit_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_dit_export, out)
+    folder = _folder(tiny_dit_export)
+    rerun = run_cli("--model", str(folder), "--bits", "4", "--steps", "10", "--calib-samples", "8", "--no-report",
+                    "--no-sensitivity", "--classes", "1,2,3,500", "--configs", "w4a4,fp8,fp16", "--output", str(out),
+                    entry="export-trt")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "up to date" in rerun.stdout
+    report = run_cli("report", str(out), "--num", "16")
+    assert report.returncode == 0, report.stderr
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert {"fp32", "mixed", "mixed+ptqd", "fp8+ptqd"} <= set(metrics["variants"])
+    assert "not computed" in metrics["distribution_metric"]   # no feature network for a user's model
