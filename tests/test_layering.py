@@ -19,9 +19,10 @@ LAYERS = [
     ("errors", ("ptqd.errors",)),
     ("runtime", ("ptqd.runtime",)),
     # what the torch-side stages share: the package marker, file writing, quantization math,
-    # the model and its conditioning, diffusers' DDIM timeline, the built-in models, images
-    ("base", ("ptqd", "ptqd.output", "ptqd.quant_math", "ptqd.model", "ptqd.conditions", "ptqd.condition_options", "ptqd.ddim", "ptqd.devices",
-              "ptqd.builtin", "ptqd.images")),
+    # the model families, the model and its conditioning, diffusers' DDIM timeline, the built-in
+    # models, images
+    ("base", ("ptqd", "ptqd.output", "ptqd.quant_math", "ptqd.families", "ptqd.model", "ptqd.conditions",
+              "ptqd.condition_options", "ptqd.ddim", "ptqd.devices", "ptqd.builtin", "ptqd.images")),
     ("calibration", ("ptqd.calibration",)),
     ("exporter", ("ptqd.exporter",)),
     ("engines", ("ptqd.engines",)),

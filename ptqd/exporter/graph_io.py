@@ -53,7 +53,10 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     """Write `model` to `path`, with its weights in `<path>.data` when they pass the threshold
-    (a stale data file from an earlier write is removed). `model` keeps its weights in memory."""
+    (a stale data file from an earlier write is removed). A model written with external data
+    keeps pointing at that file for its large tensors (what every later pass reads of a written
+    graph, its structure and small tensors, stays in memory); reading the payload back would
+    hold it twice, for protobuf does not give a cleared field's memory back."""
     path = Path(path)
     data = external_data_path(path)
     data.unlink(missing_ok=True)
@@ -61,39 +64,69 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
         onnx.save_model(model, str(path))
         return path
     # tensors are marked here rather than by save_model(save_as_external_data=True), whose
-    # check for an existing data file looks in the working directory, not beside the graph;
-    # saving moves their payload out of `model`, so it is read back for the callers
+    # check for an existing data file looks in the working directory, not beside the graph
     from onnx.external_data_helper import set_external_data
 
     for tensor in model.graph.initializer:
         if _is_weight(tensor):
             set_external_data(tensor, data.name)
     onnx.save_model(model, str(path))
-    onnx.load_external_data_for_model(model, str(path.parent))
     return path
 
 
+def _consolidate(model: onnx.ModelProto, scratch: Path, path: Path) -> None:
+    """`model` as torch wrote it past 2 GiB (one file per tensor in `scratch`) written to `path`
+    with every weight in one `<path>.data`, streamed a tensor at a time (the tensors under
+    INLINE_BELOW go back inside the graph, as save_graph keeps them)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    data = external_data_path(path)
+    with open(data, "wb") as out:
+        for tensor in model.graph.initializer:
+            if not tensor.external_data:
+                continue
+            info = ExternalDataInfo(tensor)
+            with open(scratch / info.location, "rb") as src:
+                src.seek(info.offset or 0)
+                payload = src.read(info.length) if info.length else src.read()
+            if len(payload) < INLINE_BELOW:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = payload
+                continue
+            offset = out.tell()
+            out.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", offset), ("length", len(payload))):
+                tensor.external_data.add(key=key, value=str(value))
+    onnx.save_model(model, str(path))
+
+
 def export_torch(export: Callable[[Path], None], path: Path,
-                 output_dims: dict[str, list[int]] | None = None) -> onnx.ModelProto:
-    """Run a torch.onnx exporter (`export(file)`) into a scratch folder beside `path` (for a
-    graph past 2 GiB torch writes one file per tensor there), then write it with save_graph.
-    output_dims: per graph output, its per-sample dims where the exporter could not tell them
-    (a slice of the output, a hidden state taken from a tuple): written into the graph's output
-    type behind its batch axis, so TensorRT and Triton see static shapes. Returns the model,
-    weights loaded."""
+                 output_dims: dict[str, list[int]] | None = None) -> None:
+    """Run a torch.onnx exporter (`export(file)`) into a scratch folder beside `path`, then
+    write the graph there: with save_graph, or for a graph past 2 GiB (torch writes one file per
+    tensor) by streaming its tensors into one data file, never holding the weights in memory
+    beside the torch model. output_dims: per graph output, its per-sample dims where the
+    exporter could not tell them (a slice of the output, a hidden state taken from a tuple):
+    written into the graph's output type behind its batch axis, so TensorRT and Triton see
+    static shapes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         raw = Path(scratch) / path.name
         export(raw)
-        model = onnx.load(str(raw))
-    for output in model.graph.output:
-        dims = output.type.tensor_type.shape.dim[1:]
-        for dim, size in zip(dims, (output_dims or {}).get(output.name, [])):
-            if dim.dim_value != size:
-                dim.dim_value = size   # replaces a symbolic dim_param
-    save_graph(model, path)
-    return model
+        model = onnx.load(str(raw), load_external_data=False)
+        for output in model.graph.output:
+            dims = output.type.tensor_type.shape.dim[1:]
+            for dim, size in zip(dims, (output_dims or {}).get(output.name, [])):
+                if dim.dim_value != size:
+                    dim.dim_value = size   # replaces a symbolic dim_param
+        if any(t.external_data for t in model.graph.initializer):
+            external_data_path(path).unlink(missing_ok=True)
+            _consolidate(model, Path(scratch), path)
+        else:
+            save_graph(model, path)
 
 
 # where a weightless view says its payload is: no file of that name is ever written, so

@@ -63,17 +63,17 @@ def export_fp_onnx(denoiser: torch.nn.Module, path: Path, conditioning: dict | N
                               opset_version=OPSET, dynamic_axes=dynamic, dynamo=False,
                               do_constant_folding=True)
 
-    # eps has the sample's shape (a learned-variance transformer's output is sliced to it)
-    sample_shape = family_of_module(denoiser).sample_shape(denoiser.config)
-    model = export_torch(export, path, {OUTPUT_NAME: sample_shape})
+    # eps has the sample's shape (a learned-variance transformer's output is sliced to it);
+    # the graph is checked from its file, not held here beside the torch model
+    export_torch(export, path, {OUTPUT_NAME: family_of_module(denoiser).sample_shape(denoiser.config)})
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.shape_inference.InferenceError:
-        _fold_branches(model, path)
+        _fold_branches(path)
     return path
 
 
-def _fold_branches(model, path: Path) -> None:
+def _fold_branches(path: Path) -> None:
     """Where the TorchScript exporter cannot tell a dimension's size it writes `squeeze(dim)`
     as an If (squeeze when it is 1); PixArt's output squeeze is one, and the If's untaken
     branch fails ONNX's strict shape inference although the graph runs. Folding constants
@@ -84,7 +84,7 @@ def _fold_branches(model, path: Path) -> None:
     from ptqd.exporter.cleanup import fold_and_clean
     from ptqd.exporter.graph_io import save_graph
 
-    save_graph(fold_and_clean(model)[0], path)
+    save_graph(fold_and_clean(onnx.load(str(path)))[0], path)
     onnx.checker.check_model(str(path), full_check=True)
 
 

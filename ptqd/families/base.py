@@ -43,6 +43,11 @@ class LayerRole:
     role: str
 
 
+# the layers that read the text encoder's states (UNets' attn2 and PixArt's)
+CROSS_ATTENTION_ROLES = tuple(LayerRole(f"*.attn2.{leaf}", "cross-attention projection (reads the text encoder's "
+                                        "states)") for leaf in ("to_k", "to_v"))
+
+
 class ModelFamily:
     """The interface; each family in ptqd/families/ fills it in."""
     name: str = ""                              # registry key, recorded in pipeline.json

@@ -5,7 +5,7 @@ in a pipeline is transformer/, and so is their name in OUT: transformer_<cfg>.on
 from __future__ import annotations
 
 from ptqd.errors import UserError
-from ptqd.families.base import (LayerRole, ModelFamily, TextEncoderPart, class_bookkeeping, class_spec_fields,
+from ptqd.families.base import (CROSS_ATTENTION_ROLES, LayerRole, ModelFamily, TextEncoderPart, class_bookkeeping, class_spec_fields,
                                 text_input, vae_factor)
 from ptqd.runtime.layout import CLASS_INPUT, TEXT_OUTPUT
 
@@ -84,8 +84,7 @@ class PixArtAlpha(DiffusionTransformer):
              LayerRole("adaln_single.emb.*", "size embedder (resolution, aspect ratio)"),
              LayerRole("adaln_single.linear", "adaLN-single modulation"),
              LayerRole("caption_projection.*", "caption projection (reads the T5 encoder's states)"),
-             LayerRole("*.attn2.to_k", "cross-attention projection (reads the text encoder's states)"),
-             LayerRole("*.attn2.to_v", "cross-attention projection (reads the text encoder's states)"),
+             *CROSS_ATTENTION_ROLES,
              LayerRole("*.attn2.*", "cross-attention projection"),
              LayerRole("proj_out", "final layer (eps and variance)"),
              *ATTENTION_ROLES)

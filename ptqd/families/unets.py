@@ -5,7 +5,7 @@ text embedding and size conditions through `added_cond_kwargs`)."""
 from __future__ import annotations
 
 from ptqd.errors import UserError
-from ptqd.families.base import (LayerRole, ModelFamily, TextEncoderPart, class_bookkeeping, class_spec_fields,
+from ptqd.families.base import (CROSS_ATTENTION_ROLES, LayerRole, ModelFamily, TextEncoderPart, class_bookkeeping, class_spec_fields,
                                 text_input, vae_factor)
 from ptqd.runtime.layout import TEXT_OUTPUT
 
@@ -14,8 +14,7 @@ from ptqd.runtime.layout import TEXT_OUTPUT
 UNET_KEEP = ("conv_in", "conv_out", "time_embedding.*")
 UNET_KEEP_REASON = "kept in float (first/last conv or time embedding by default; see keep_patterns)"
 UNET_ROLES = (
-    LayerRole("*.attn2.to_k", "cross-attention projection (reads the text encoder's states)"),
-    LayerRole("*.attn2.to_v", "cross-attention projection (reads the text encoder's states)"),
+    *CROSS_ATTENTION_ROLES,
     *(LayerRole(f"*.{leaf}", "attention projection") for leaf in ("to_q", "to_k", "to_v", "to_out.0")),
     LayerRole("time_embedding.*", "time embedder"),
 )

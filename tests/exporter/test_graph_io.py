@@ -56,3 +56,28 @@ def test_a_weight_lost_in_a_pass_is_an_error():
     lost = weightless(_model())
     with pytest.raises(RuntimeError, match="lost its weights"):
         restore_weights(lost, onnx.ModelProto())
+
+
+def test_a_graph_torch_wrote_past_2_gib_is_streamed_into_one_data_file(tmp_path):
+    """Past 2 GiB torch.onnx writes one file per tensor; export_torch gathers them into
+    `<graph>.data` a tensor at a time, small tensors back inside the graph, and the graph
+    computes what it did."""
+    import onnxruntime as ort
+
+    from ptqd.exporter.graph_io import export_torch
+    from ptqd.runtime.layout import external_data_path
+
+    def export(file):   # what torch does for a large model: every initializer in a file of its own
+        onnx.save_model(_model(), str(file), save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    path = tmp_path / "g.onnx"
+    export_torch(export, path)
+    graph = onnx.load(str(path), load_external_data=False)
+    external = {t.name for t in graph.graph.initializer if t.external_data}
+    assert external == {"w"} and external_data_path(path).stat().st_size == 64 * 64 * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]   # no scratch left
+    x = np.ones((3, 64), np.float32)
+    run = lambda model_path: ort.InferenceSession(str(model_path)).run(None, {"x": x})[0]
+    onnx.save_model(_model(), str(tmp_path / "ref.onnx"))
+    np.testing.assert_array_equal(run(path), run(tmp_path / "ref.onnx"))
