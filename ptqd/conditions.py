@@ -55,6 +55,18 @@ def image_shape(model) -> list[int]:
     return [model.vae.config.out_channels, shape[1] * factor, shape[2] * factor]
 
 
+def model_guidance(model) -> float | None:
+    """The guidance scale a pipeline folder names for itself in model_index.json (ptqd's own
+    class pipelines, such as digits-dit, do; diffusers' do not)."""
+    value = model.source.model_index.get("guidance_scale")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise UserError(f"--model {model.source.spec!r}: model_index.json's guidance_scale {value!r} is not a "
+                        "number of at least 1")
+    return float(value)
+
+
 def pipeline_spec(model, guidance_scale: float | None, conditions: tuple = ()) -> PipelineSpec:
     """The spec of `model` at the guidance scale it is calibrated and deployed with, its
     family's part filled in by the family; a bad scale or condition for this model is a
@@ -68,7 +80,7 @@ def pipeline_spec(model, guidance_scale: float | None, conditions: tuple = ()) -
             raise UserError(f"model {model.source.spec!r} is unconditional: --guidance-scale, --prompts "
                             "and --classes apply to class- or text-conditioned models")
         return spec
-    default = family.default_guidance or DEFAULT_GUIDANCE[family.kind]
+    default = model_guidance(model) or family.default_guidance or DEFAULT_GUIDANCE[family.kind]
     scale = default if guidance_scale is None else float(guidance_scale)
     if not 1.0 <= scale < float("inf"):
         raise UserError(f"--guidance-scale {guidance_scale}: must be at least 1 (1 = no guidance)")

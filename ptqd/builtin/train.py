@@ -45,6 +45,11 @@ def build_unet():
 NUM_CLASSES = 10
 LABEL_DROP = 0.1
 DIT_PIPELINE = "PTQDClassConditionalPipeline"
+# the guidance scale digits-dit is calibrated and deployed with unless told otherwise: measured on
+# 200 full-precision samples (50 DDIM steps), class accuracy by the shipped classifier and
+# Fréchet distance to the real digits: 0.980 / 28.4 at 1 (no guidance), 1.000 / 40.3 at 1.5,
+# 1.000 / 83.4 at 2, 1.000 / 211.1 at DiTPipeline's 4 (stronger guidance, less variety)
+DIT_GUIDANCE = 1.5
 
 
 def build_dit():
@@ -175,7 +180,7 @@ def save_dit(output: Path, transformer, info: dict) -> None:
     (output / "model_index.json").write_text(json.dumps({
         "_class_name": DIT_PIPELINE, "_diffusers_version": info["diffusers"],
         "scheduler": ["diffusers", "DDIMScheduler"], "transformer": ["diffusers", "DiTTransformer2DModel"],
-        "num_classes": NUM_CLASSES, "null_class": NUM_CLASSES,
+        "num_classes": NUM_CLASSES, "null_class": NUM_CLASSES, "guidance_scale": DIT_GUIDANCE,
     }, indent=2) + "\n")
     (output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -1,7 +1,6 @@
 """Model families: what ptqd knows of each kind of diffusers pipeline it quantizes, said once.
 
     families.detect(spec, class_name, config, index)   the family of a denoiser found in a folder
-    families.family_named(name)                        the family a pipeline.json names
     families.family_of_module(module)                  the family of a loaded (or fake-quant) denoiser
 
 Detection reads configs only (no torch): the denoiser's class name and config, and the
@@ -20,8 +19,8 @@ FAMILIES: tuple[ModelFamily, ...] = (UNet2D(), ClassUNet2D(), StableDiffusion(),
 # where a pipeline folder keeps its denoiser, in the order a folder is searched
 DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser for f in FAMILIES))
 
-__all__ = ["FAMILIES", "DENOISER_FOLDERS", "ModelFamily", "TextEncoderPart", "detect", "family_named",
-           "family_of_module", "supported_classes"]
+__all__ = ["FAMILIES", "DENOISER_FOLDERS", "ModelFamily", "TextEncoderPart", "detect", "family_of_module",
+           "supported_classes"]
 
 
 def supported_classes() -> list[str]:
@@ -37,13 +36,6 @@ def detect(spec: str, class_name: str, config: dict, index: dict | None = None) 
                         f"(supported: {', '.join(supported_classes())})")
     family.check(spec, config, index or {})
     return family
-
-
-def family_named(name: str) -> ModelFamily:
-    for family in FAMILIES:
-        if family.name == name:
-            return family
-    raise KeyError(f"no model family {name!r} (known: {', '.join(f.name for f in FAMILIES)})")
 
 
 def family_of_module(module) -> ModelFamily:

@@ -1,6 +1,6 @@
 """What a model family is: the one place that says how a kind of diffusers pipeline is found
 in a folder, where its denoiser lives and how it is called, what conditions it, what comes out
-of it, and what its layers do. Every stage asks the family (ptqd.families.family_of,
+of it, and what its layers do. Every stage asks the family (ptqd.families.detect,
 family_of_module) instead of testing class names of its own.
 
 A family is a stateless object; what depends on a particular model (its sample size, its
@@ -14,10 +14,6 @@ from dataclasses import dataclass
 
 from ptqd.errors import UserError
 from ptqd.runtime.layout import CLASS_INPUT, DEFAULT_DENOISER, TEXT_OUTPUT
-
-# What conditions a model: nothing, a class label, or text (one or more text encoders).
-KINDS = ("unconditional", "class", "text")
-
 
 @dataclass(frozen=True)
 class TextEncoderPart:
@@ -55,7 +51,7 @@ class ModelFamily:
     denoiser: str = DEFAULT_DENOISER            # the denoiser's folder, and graph / model name stem
     denoiser_label: str = "UNet"                # what messages call it
     denoiser_classes: tuple[str, ...] = ()      # the diffusers classes it takes
-    kind: str = "unconditional"
+    kind: str = "unconditional"                 # what conditions it: "unconditional", "class" or "text"
     text_parts: tuple[TextEncoderPart, ...] = ()
     prompt_preparation: str = ""                # runtime.conditioning.PROMPT_PREPARATION key
     default_guidance: float | None = None       # its pipeline's default scale (None: ptqd's per kind)
