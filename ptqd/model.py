@@ -228,9 +228,16 @@ class LoadedModel:
         return self.source.family
 
     def release_modules(self) -> None:
-        """Drop the torch modules (export does, once their graphs are written); what was read
-        from the configs (source, scheduler config, tokenizers) stays."""
+        """Drop the torch modules (export does, once their graphs are written) and give their
+        memory back to the system; what was read from the configs (source, scheduler config,
+        tokenizers) stays."""
+        import gc
+
+        from ptqd.memory import release_free_memory
+
         self.denoiser, self.vae, self.text_encoders = None, None, {}
+        gc.collect()   # diffusers' modules sit in reference cycles: freed only by the collector
+        release_free_memory()
 
     def to(self, device) -> "LoadedModel":
         """The denoiser and text encoders moved to `device` (a torch.device), in place."""

@@ -37,21 +37,19 @@ class NodeCounts:
         return f"{self.total} nodes, {self.constant} Constant, {self.shape} Shape"
 
 
-def _one_pass(model: onnx.ModelProto) -> onnx.ModelProto:
+def _one_pass(view: onnx.ModelProto) -> onnx.ModelProto:
+    """One folding pass over a weightless view (shape inference serializes the model: a UNet
+    past 2 GiB would not), giving a weightless view. A node computing from a weight is left as
+    it is (the TorchScript exporter has folded those already, Q/DQ are never folded):
+    evaluating it would need the payload."""
     import onnx_graphsurgeon as gs
 
-    # on the weightless view: shape inference serializes the model (a UNet past 2 GiB would
-    # not). A node computing from a weight is left as it is (the TorchScript exporter has
-    # folded those already, Q/DQ are never folded): evaluating it would need the payload.
-    view = weightless(model)
     stripped = {t.name for t in view.graph.initializer if is_stripped(t)}
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(view, data_prop=True))
-    del view
     graph.toposort()
     reads_weight = lambda node: any(t.name in stripped for t in node.inputs)
     graph.fold_constants(error_ok=False, should_exclude_node=reads_weight).cleanup().toposort()
     folded = gs.export_onnx(graph)
-    restore_weights(folded, model)
     # shape inference's value_info is not part of the graph's contract; writers re-infer
     del folded.graph.value_info[:]
     return folded
@@ -67,7 +65,8 @@ def fold_and_clean(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NodeCounts,
     G_LOGGER.severity = G_LOGGER.ERROR
     ort.set_default_logger_severity(3)  # its graph optimizer's warnings about the folding sessions
     try:
-        current, counts = model, before
+        # every pass on the weightless view; the weights go in once, from `model`, at the end
+        current, counts = weightless(model), before
         for _ in range(MAX_PASSES):
             current = _one_pass(current)
             if NodeCounts.of(current) == counts:
@@ -75,6 +74,7 @@ def fold_and_clean(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NodeCounts,
             counts = NodeCounts.of(current)
     finally:
         G_LOGGER.severity = quiet
+    restore_weights(current, model)
     current.graph.name = model.graph.name
     del current.metadata_props[:]
     current.metadata_props.extend(model.metadata_props)

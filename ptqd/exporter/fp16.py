@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqd.exporter.graph_io import weightless
+from ptqd.exporter.graph_io import restore_weights, weightless
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 MIN_OPSET = 19
@@ -76,10 +76,13 @@ def _retype_attributes(node) -> None:
 
 
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, keep: dict[str, str]):
+    """Converts `model` (a weightless view of `source`) in place; the float weights it makes
+    FP16 are read from `source`."""
+
+    def __init__(self, model: onnx.ModelProto, keep: dict[str, str], source: onnx.ModelProto):
         self.model, self.keep = model, keep
         self.types = float_types(model)
-        self.inits = {i.name: i for i in model.graph.initializer}
+        self.inits = {i.name: i for i in source.graph.initializer}
         self.current: dict[str, int] = {}      # float tensor -> the type it has after the pass
         self.casts: dict[tuple[str, int], str] = {}
         self.nodes: list = []
@@ -168,13 +171,15 @@ def convert_to_fp16(model: onnx.ModelProto, keep: dict[str, str] | None = None) 
     missing = sorted(set(keep) - {n.name for n in model.graph.node})
     if missing:
         raise ValueError(f"FP32 exceptions name nodes the graph lacks: {', '.join(missing[:3])}")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    conv = _Converter(copy, keep)
+    # on a weightless view: what the copy keeps of the FP32 weights (integer Q/DQ weights,
+    # tensors that stay FP32) goes in at the end, so the graph's weights are never held twice
+    copy = weightless(model)
+    conv = _Converter(copy, keep, model)
     conv.current.update({i.name: FLOAT for i in copy.graph.input})
     for node in list(copy.graph.node):
         conv.convert(node)
     out = conv.finish()
+    restore_weights(out, model)
     _set_exceptions(out, keep)
     return out
 

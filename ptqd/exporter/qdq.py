@@ -64,15 +64,16 @@ def _zero_point(name: str, dtype: int, shape: tuple[int, ...]) -> onnx.TensorPro
 
 
 def _int_tensor(name: str, values: np.ndarray, dtype: int) -> onnx.TensorProto:
-    """Grid values (float or integer array) stored as INT8, INT4 or FLOAT8E4M3FN; the values
-    are on the grid already, so every conversion here is exact."""
+    """Grid values (float or integer array) stored as INT8, INT4 (packed two a byte, low nibble
+    first, in raw_data) or FLOAT8E4M3FN; the values are on the grid already, so every
+    conversion here is exact."""
+    import ml_dtypes  # onnx's own dependency: numpy's FP8 and INT4 types
+
     if dtype == INT8:
         return numpy_helper.from_array(values.astype(np.int8), name)
     if dtype == FP8:
-        import ml_dtypes  # onnx's own dependency, its numpy FP8 type
-
         return numpy_helper.from_array(values.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), name)
-    return helper.make_tensor(name, INT4, values.shape, values.astype(np.int64).flatten().tolist())
+    return numpy_helper.from_array(values.astype(np.int8).astype(ml_dtypes.int4), name)
 
 
 def storage_types(quant: ConfigQuant, storage: Storage) -> tuple[int, int]:
@@ -95,7 +96,7 @@ class QDQInserter:
         self.inits = {i.name: i for i in source.graph.initializer}
         self.new_nodes: dict[str, list] = {}   # consumer node name -> nodes to put before it
         self.after_nodes: dict[str, list] = {}  # producer node name -> nodes to put after it
-        self.new_inits: list = []
+        self.added: list[str] = []   # initializers added to the graph, in order
         self.dropped: set[str] = set()
 
     def activation(self, node, layer: str, scale: float, bits: int, dtype: int) -> None:
@@ -109,7 +110,7 @@ class QDQInserter:
             nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{base}/clipped"], name=f"{base}/Clip"))
             x = f"{base}/clipped"
         s = self._const(f"{base}/scale", scale)
-        self.new_inits.append(_zero_point(f"{base}/zero_point", dtype, ()))
+        self._add(_zero_point(f"{base}/zero_point", dtype, ()))
         nodes.append(helper.make_node("QuantizeLinear", [x, s, f"{base}/zero_point"], [f"{base}/q"],
                                       name=f"{base}/QuantizeLinear"))
         nodes.append(helper.make_node("DequantizeLinear", [f"{base}/q", s, f"{base}/zero_point"],
@@ -128,9 +129,9 @@ class QDQInserter:
         q = lq.weight_integers(torch_layout, grid).numpy()
         q = q if axis == 0 else q.T
         scale = lq.weight_scale
-        self.new_inits.append(_int_tensor(f"{base}/quantized", q, dtype))
-        self.new_inits.append(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{base}/scale"))
-        self.new_inits.append(_zero_point(f"{base}/zero_point", dtype, (w.shape[axis],)))
+        self._add(_int_tensor(f"{base}/quantized", q, dtype))
+        self._add(numpy_helper.from_array(scale.numpy().astype(np.float32), f"{base}/scale"))
+        self._add(_zero_point(f"{base}/zero_point", dtype, (w.shape[axis],)))
         dq = helper.make_node("DequantizeLinear", [f"{base}/quantized", f"{base}/scale", f"{base}/zero_point"],
                               [f"{base}/dq"], name=f"{base}/DequantizeLinear", axis=axis)
         node.input[1] = f"{base}/dq"
@@ -143,21 +144,26 @@ class QDQInserter:
         y = node.output[0]
         node.output[0] = f"{base}/float"
         s = self._const(f"{base}/scale", scale)
-        self.new_inits.append(_zero_point(f"{base}/zero_point", INT8, ()))
+        self._add(_zero_point(f"{base}/zero_point", INT8, ()))
         self.after_nodes.setdefault(node.name, []).extend([
             helper.make_node("QuantizeLinear", [f"{base}/float", s, f"{base}/zero_point"], [f"{base}/q"],
                              name=f"{base}/QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{base}/q", s, f"{base}/zero_point"], [y],
                              name=f"{base}/DequantizeLinear")])
 
+    def _add(self, tensor: onnx.TensorProto) -> None:
+        """Into the graph at once (copied into its message): a list of them, added at the end,
+        would hold every quantized weight twice."""
+        self.model.graph.initializer.append(tensor)
+        self.added.append(tensor.name)
+
     def _const(self, name: str, value: float) -> str:
-        self.new_inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        self._add(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
         return name
 
     def finish(self) -> onnx.ModelProto:
         graph = self.model.graph
         still_used = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name not in self.dropped or i.name in still_used]
         ordered = []
         for node in graph.node:
             ordered.extend(self.new_nodes.get(node.name, []))
@@ -165,8 +171,12 @@ class QDQInserter:
             ordered.extend(self.after_nodes.get(node.name, []))
         del graph.node[:]
         graph.node.extend(ordered)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + self.new_inits)
+        # the weights the Q/DQ pairs replaced leave (stubs of the weightless view); the order is
+        # the graph's, then the added ones in the order they were made
+        for index in reversed(range(len(graph.initializer))):
+            name = graph.initializer[index].name
+            if name in self.dropped and name not in still_used:
+                del graph.initializer[index]
         return self.model
 
 

@@ -21,6 +21,7 @@ from ptqd.exporter.lint import lint_model
 from ptqd.exporter.onnx_fp import export_fp_onnx, layer_nodes
 from ptqd.exporter.precision_plan import precision_plan
 from ptqd.exporter.qdq import ONNXRUNTIME, ONNXRUNTIME_FAST, TENSORRT, insert_qdq
+from ptqd.memory import release_free_memory
 from ptqd.ddim import build_schedule
 from ptqd.runtime.layout import (DEFAULT_DENOISER, SPEC_FILE, TEXT_ENCODER_ROLE, VAE_DECODER_GRAPH, VAE_DECODER_ROLE,
                                  deployment, graph_files, graph_path)
@@ -42,10 +43,12 @@ def _save_checked(model: onnx.ModelProto, path: Path, target: str) -> None:
         raise RuntimeError(f"{path.name} fails the {target} lint: " + "; ".join(map(str, violations[:3])))
 
 
-def tensorrt_graph(qdq: onnx.ModelProto, name: str) -> onnx.ModelProto:
+def tensorrt_graph(qdq: list[onnx.ModelProto], name: str) -> onnx.ModelProto:
     """What TensorRT builds: the QDQ graph folded and cleaned, then FP16 inside (float32 I/O)
-    but for the FP32 exceptions fp16.tensorrt_exceptions names."""
-    folded, before, after = fold_and_clean(qdq)
+    but for the FP32 exceptions fp16.tensorrt_exceptions names. `qdq` is handed over in a list
+    that is emptied: each step's input is freed once its output exists, so at most two copies
+    of the graph are alive (an SDXL UNet's QDQ graph is gigabytes)."""
+    folded, before, after = fold_and_clean(qdq.pop())
     exceptions = tensorrt_exceptions(folded)
     click.echo(f"[export] {name}: folded {before} -> {after}; FP16, "
                f"{len(exceptions)} node(s) kept FP32")
@@ -71,8 +74,9 @@ def fp16_copy(fp32: Path, path: Path) -> Path:
 
 def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
     """Float graphs of what runs around the denoiser, as the deployment lists them: each text
-    encoder and the VAE decoder in FP32 (ONNX Runtime's), and the FP16 copies TensorRT builds
-    (a T5 encoder's stays FP32)."""
+    encoder and the VAE decoder in FP32 (ONNX Runtime's), and the VAE decoder's FP16 copy for
+    TensorRT (traced from a half copy of the VAE; the text encoders' FP16 copies are converted
+    from their graphs later, text_encoder_fp16_copies, once the torch modules are gone)."""
     from ptqd.conditions import latent_shape, text_encoder_modules
     from ptqd.exporter.pipeline_graphs import export_text_encoder, export_vae_decoder
 
@@ -83,14 +87,18 @@ def export_pipeline_graphs(model, spec, onnx_dir: Path) -> list[Path]:
         if graph.role == TEXT_ENCODER_ROLE:
             written.append(export_text_encoder(modules[graph.name], onnx_dir / graph.cpu_graph,
                                                encoders[graph.name]["max_length"]))
-            if graph.tensorrt_graph != graph.cpu_graph:
-                written.append(fp16_copy(written[-1], onnx_dir / graph.tensorrt_graph))
         elif graph.role == VAE_DECODER_ROLE:
             shape = tuple(latent_shape(model.denoiser))
             written.append(export_vae_decoder(model.vae, onnx_dir / VAE_DECODER_GRAPH, shape))
             # the copy TensorRT builds (FP32 stays for ONNX Runtime, whose CPU kernels are FP32)
             written.append(export_vae_decoder(model.vae, onnx_dir / graph.tensorrt_graph, shape, half=True))
     return written
+
+
+def text_encoder_fp16_copies(spec, onnx_dir: Path) -> list[Path]:
+    """The FP16 copies TensorRT builds of the text encoders the deployment builds in FP16."""
+    return [fp16_copy(onnx_dir / g.cpu_graph, onnx_dir / g.tensorrt_graph) for g in deployment(spec, [], [])
+            if g.role == TEXT_ENCODER_ROLE and g.tensorrt_graph != g.cpu_graph]
 
 
 def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
@@ -108,9 +116,11 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     fp_path = export_fp_onnx(model.denoiser, graph_path(onnx_dir, "fp32", "tensorrt", denoiser),
                              example_conditioning(model, spec, 2))
     written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
-    # the QDQ flavours are made from the FP graph alone: the torch modules go before it is
-    # read back, so the denoiser's FP32 weights are held once (an SDXL UNet's are 10 GB)
+    # what follows is made from the graphs alone: the torch modules go first, so the
+    # denoiser's FP32 weights are held once (an SDXL UNet's are 10 GB)
     model.release_modules()
+    written += text_encoder_fp16_copies(spec, onnx_dir)
+    release_free_memory()
     fp_model = onnx.load(str(fp_path))
     exceptions = {}
     for cfg in sorted(params):
@@ -118,11 +128,14 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
             path = graph_path(onnx_dir, cfg, flavour, denoiser)
             if path in written:  # a file two flavours share (layout.graph_path)
                 continue
-            graph = insert_qdq(fp_model, params[cfg], storage)
-            if flavour == "tensorrt":
-                graph = tensorrt_graph(graph, path.name)
+            if flavour == "tensorrt":   # handed over in a list: nothing here holds the QDQ graph
+                graph = tensorrt_graph([insert_qdq(fp_model, params[cfg], storage)], path.name)
                 exceptions[cfg] = fp32_exceptions(graph)
+            else:
+                graph = insert_qdq(fp_model, params[cfg], storage)
             _save_checked(graph, path, target)
+            del graph
+            release_free_memory()   # each flavour's memory, before the next is made
             written.append(path)
     plan = precision_plan(layer_nodes(fp_model), params, fp_model, model.family, denoiser, exceptions)
     (onnx_dir / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
