@@ -227,15 +227,18 @@ class LoadedModel:
     def family(self) -> ModelFamily:
         return self.source.family
 
-    def release_modules(self) -> None:
-        """Drop the torch modules (export does, once their graphs are written) and give their
-        memory back to the system; what was read from the configs (source, scheduler config,
-        tokenizers) stays."""
+    def release_modules(self, denoiser: bool = True) -> None:
+        """Drop the torch modules (export does, once their graphs are written: the text
+        encoders and VAE before the denoiser's graph is traced, the denoiser after) and give
+        their memory back to the system; what was read from the configs (source, scheduler
+        config, tokenizers) stays."""
         import gc
 
         from ptqd.memory import release_free_memory
 
-        self.denoiser, self.vae, self.text_encoders = None, None, {}
+        self.vae, self.text_encoders = None, {}
+        if denoiser:
+            self.denoiser = None
         gc.collect()   # diffusers' modules sit in reference cycles: freed only by the collector
         release_free_memory()
 

@@ -21,8 +21,9 @@ LAYERS = [
     # what the torch-side stages share: the package marker, file writing, quantization math,
     # the model families, the model and its conditioning, diffusers' DDIM timeline, the built-in
     # models, images
-    ("base", ("ptqd", "ptqd.output", "ptqd.quant_math", "ptqd.families", "ptqd.model", "ptqd.conditions",
-              "ptqd.condition_options", "ptqd.ddim", "ptqd.devices", "ptqd.builtin", "ptqd.images")),
+    ("base", ("ptqd", "ptqd.output", "ptqd.memory", "ptqd.quant_math", "ptqd.families", "ptqd.model",
+              "ptqd.conditions", "ptqd.condition_options", "ptqd.ddim", "ptqd.devices", "ptqd.builtin",
+              "ptqd.images")),
     ("calibration", ("ptqd.calibration",)),
     ("exporter", ("ptqd.exporter",)),
     ("engines", ("ptqd.engines",)),

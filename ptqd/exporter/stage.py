@@ -113,11 +113,14 @@ def export_graphs(model, calibration_dir: Path, onnx_dir: Path) -> list[Path]:
     denoiser = spec.denoiser
     onnx_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fp_path = export_fp_onnx(model.denoiser, graph_path(onnx_dir, "fp32", "tensorrt", denoiser),
-                             example_conditioning(model, spec, 2))
-    written = [fp_path] + export_pipeline_graphs(model, spec, onnx_dir)
-    # what follows is made from the graphs alone: the torch modules go first, so the
-    # denoiser's FP32 weights are held once (an SDXL UNet's are 10 GB)
+    # one module's weights in memory at a time beside its ONNX export (an SDXL UNet's are
+    # 10 GB in FP32): the text encoders and VAE first, then the denoiser, and what follows is
+    # made from the graphs alone
+    example = example_conditioning(model, spec, 2)
+    pipeline_graphs = export_pipeline_graphs(model, spec, onnx_dir)
+    model.release_modules(denoiser=False)
+    fp_path = export_fp_onnx(model.denoiser, graph_path(onnx_dir, "fp32", "tensorrt", denoiser), example)
+    written = [fp_path] + pipeline_graphs
     model.release_modules()
     written += text_encoder_fp16_copies(spec, onnx_dir)
     release_free_memory()
