@@ -22,6 +22,10 @@ from ptqd.runtime.layout import external_data_path
 EXTERNAL_DATA_ABOVE = 1_800_000_000
 # tensors smaller than this stay inside the graph (scales, shapes: what lint and folding read)
 INLINE_BELOW = 1024
+# initializer bytes past which a single-file graph is written a tensor at a time: protobuf's
+# SerializeToString of a 1.7 GB SDXL-layout graph grew the process by 5.8 GB (its growing
+# buffer, then the bytes object), more than the graph itself
+STREAM_ABOVE = 64_000_000
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:
@@ -60,8 +64,12 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     path = Path(path)
     data = external_data_path(path)
     data.unlink(missing_ok=True)
-    if weight_bytes(model) <= external_data_above():
-        onnx.save_model(model, str(path))
+    size = weight_bytes(model)
+    if size <= external_data_above():
+        if size > STREAM_ABOVE:
+            _write_streamed(model, path)
+        else:
+            onnx.save_model(model, str(path))
         return path
     # tensors are marked here rather than by save_model(save_as_external_data=True), whose
     # check for an existing data file looks in the working directory, not beside the graph
@@ -72,6 +80,39 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
             set_external_data(tensor, data.name)
     onnx.save_model(model, str(path))
     return path
+
+
+def _length_delimited(field: int, length: int) -> bytes:
+    """The protobuf wire header of field `field` holding `length` bytes (wire type 2): the
+    tag and the length, each a base-128 varint."""
+    out = bytearray()
+    for value in (field << 3 | 2, length):
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """`model` written as one protobuf message without ever being serialized whole: the model
+    without its initializers first, then each initializer as a message of its own holding
+    only `graph.initializer` [that tensor]. Protobuf merges a repeated occurrence of an
+    embedded message field and appends to its repeated fields, so every reader (onnx.load,
+    ONNX Runtime, TensorRT's parser) reads the same model, the initializers in order."""
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    initializer_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, skip="graph")
+    _copy_fields(skeleton.graph, model.graph, skip="initializer")
+    with open(path, "wb") as out:
+        out.write(skeleton.SerializeToString())
+        for tensor in model.graph.initializer:
+            payload = tensor.SerializeToString()
+            inner = _length_delimited(initializer_field, len(payload))
+            out.write(_length_delimited(graph_field, len(inner) + len(payload)))
+            out.write(inner)
+            out.write(payload)
 
 
 def _consolidate(model: onnx.ModelProto, scratch: Path, path: Path) -> None:
