@@ -17,6 +17,7 @@ from ptqd.errors import UserError
 from ptqd.calibration.configs import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_SAMPLES, DEFAULT_POLICY
 from ptqd.calibration.gpus import DEFAULT_GPU, GPUS
 from ptqd.model import DEFAULT_MODEL
+from ptqd.runtime.formats import BASE_FORMATS, FORMATS
 
 if TYPE_CHECKING:  # the stage module pulls in torch; the CLI imports it only when it runs
     from ptqd.calibration.request import CalibrationRequest
@@ -129,7 +130,7 @@ def _calibration_options(f):
         click.option("--act-bits", type=int, default=None,
                      help="Activation bits (4 or 8) [default: 8]. 4 is an accuracy study, not a speed-up: no "
                           "runtime ptqd deploys to (TensorRT, ONNX Runtime) has 4-bit activation kernels."),
-        click.option("--format", "fmt", type=click.Choice(["int", "fp8"]), default="int", show_default=True,
+        click.option("--format", "fmt", type=click.Choice(BASE_FORMATS), default="int", show_default=True,
                      help="The base configuration's number format: int (--bits/--act-bits integer grids) or "
                           "fp8 (E4M3 weights and activations; --bits/--act-bits must stay 8 or unset; TensorRT "
                           "runs FP8 on Ada and Hopper GPUs). Extra configurations: --configs (fp8, fp16, w8a8)."),
@@ -185,9 +186,10 @@ def _calibration_request(kw: dict) -> "CalibrationRequest":
         raise UserError("--prompts and --classes exclude each other (text or class-conditional model)")
     conditions = read_prompt_file(kw["prompts"]) if kw["prompts"] is not None else parse_classes(kw["classes"])
     bits, act_bits = kw["bits"], kw["act_bits"]
-    if kw["fmt"] == "fp8" and (bits, act_bits) not in ((None, None), (8, None), (None, 8), (8, 8)):
-        raise UserError("--format fp8 has 8-bit (E4M3) weights and activations: leave --bits/--act-bits out")
-    default_bits = 8 if kw["fmt"] == "fp8" else 4
+    fixed = FORMATS[kw["fmt"]].fixed_bits
+    if fixed is not None and {bits, act_bits} - {None, fixed}:
+        raise UserError(f"--format {kw['fmt']} has {fixed}-bit weights and activations: leave --bits/--act-bits out")
+    default_bits = fixed or 4
     return CalibrationRequest(
         model=kw["model"], bits=default_bits if bits is None else bits, act_bits=8 if act_bits is None else act_bits,
         format=kw["fmt"], steps=kw["steps"],

@@ -30,36 +30,20 @@ Approximations (all figures this module returns are estimates, and labelled so b
 """
 from __future__ import annotations
 
-import re
-
 from ptqd.calibration.configs import is_kept
 from ptqd.calibration.gpus import DEFAULT_GPU, GPU, format_peak, gpu_spec
 from ptqd.calibration.layers import FloatOps, LayerInfo
 from ptqd.errors import UserError
+from ptqd.runtime.formats import FLOAT_KERNEL, KERNEL_BYTES, config_kernel
 
-
-FLOAT_FORMAT = "fp16"
-ACT_BITS_INT8 = (4, 8)   # w{b}a4 runs as INT8 too: no runtime has 4-bit activation kernels
-BYTES = {"fp16": 2, "fp8": 1, "int8": 1}
+# the all-FP16 engine's configuration, always estimated: the speed every other is measured against
+FP16_ENGINE = "fp16"
 OUTPUT_BYTES = 2         # layer outputs are FP16: Q/DQ sit on layer inputs only
 
 
-def config_format(config: str) -> str:
-    """The format a configuration's quantized layers really run in on TensorRT."""
-    name = config.strip().lower()
-    if name in ("fp16", "fp8"):
-        return name
-    match = re.fullmatch(r"w(\d+)a(\d+)", name)
-    if match and int(match.group(2)) in ACT_BITS_INT8:
-        # 4-bit weights run as INT8: TensorRT has no INT4 convolution, and a W4A8 Linear keeps
-        # 8-bit activations, so its GEMM is INT8 as well
-        return "int8"
-    raise UserError(f"no latency estimate for configuration {config!r} "
-                    "(expected fp16, fp8, w<bits>a8 or w<bits>a4)")
-
-
 def layer_format(config: str, layer: str, keep: tuple[str, ...]) -> str:
-    return FLOAT_FORMAT if is_kept(layer, keep) else config_format(config)
+    """The TensorRT kernel a layer runs in a configuration (runtime.formats.config_kernel)."""
+    return FLOAT_KERNEL if is_kept(layer, keep) else config_kernel(config)
 
 
 def tensor_rate(gpu: GPU, fmt: str) -> float:
@@ -70,16 +54,16 @@ def tensor_rate(gpu: GPU, fmt: str) -> float:
 def layer_seconds(layer: LayerInfo, fmt: str, batch: int, gpu: GPU) -> float:
     """Roofline time of one Conv2d/Linear layer running in `fmt`."""
     compute = 2 * layer.macs * batch / tensor_rate(gpu, fmt)
-    moved = layer.params * BYTES[fmt] + batch * (layer.in_elems * BYTES[fmt] + layer.out_elems * OUTPUT_BYTES)
+    moved = layer.params * KERNEL_BYTES[fmt] + batch * (layer.in_elems * KERNEL_BYTES[fmt] + layer.out_elems * OUTPUT_BYTES)
     return max(compute, moved / (gpu.bandwidth_tbs * 1e12))
 
 
 def float_seconds(ops: FloatOps, batch: int, gpu: GPU) -> float:
     """Everything outside Conv2d/Linear, in FP16, the same for every configuration."""
     bandwidth = gpu.bandwidth_tbs * 1e12
-    traffic = ops.elems * batch * BYTES["fp16"] / bandwidth
-    rate = tensor_rate(gpu, "fp16")
-    cores = sum(max(2 * c.macs * batch / rate, c.elems * batch * BYTES["fp16"] / bandwidth)
+    traffic = ops.elems * batch * KERNEL_BYTES[FLOAT_KERNEL] / bandwidth
+    rate = tensor_rate(gpu, FLOAT_KERNEL)
+    cores = sum(max(2 * c.macs * batch / rate, c.elems * batch * KERNEL_BYTES[FLOAT_KERNEL] / bandwidth)
                 for c in ops.attention)
     return traffic + cores
 
@@ -101,7 +85,7 @@ def estimate_step_latency(layers: list[LayerInfo], float_ops: FloatOps, configs,
     _check(layers, batch)
     rest = float_seconds(float_ops, batch, target)
     out = {}
-    for config in dict.fromkeys([FLOAT_FORMAT, *configs]):
+    for config in dict.fromkeys([FP16_ENGINE, *configs]):
         seconds = sum(layer_seconds(layer, layer_format(config, layer.name, keep), batch, target)
                       for layer in layers)
         out[config] = (seconds + rest) * 1e3

@@ -10,11 +10,9 @@ from ptqd.calibration.configs import (CORRECTIONS, DEFAULT_CALIB_BATCH, DEFAULT_
 from ptqd.calibration.gpus import DEFAULT_GPU, format_peak, gpu_spec
 from ptqd.calibration.mixed_precision import Policy
 from ptqd.errors import UserError
+from ptqd.runtime.formats import BASE_FORMATS
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
-# what a base configuration may be: integer grids (--bits/--act-bits) or FP8; fp16, the float
-# engine, is only ever a candidate beside a quantized base
-BASE_FORMATS = ("int", "fp8")
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class CalibrationRequest:
     conditions: tuple = ()      # calibration prompts (str) or class labels (int); () = defaults
     weight_rounding: str | None = None   # None: gptq below 8 weight bits, else nearest
     target_gpu: str = DEFAULT_GPU        # whose datasheet peaks price the latency estimates
-    format: str = "int"                  # the base configuration's: int (bits, act_bits) or fp8
+    format: str = "int"                  # the base configuration's (runtime.formats.BASE_FORMATS)
     sensitivity: bool = True             # measure the per-layer sensitivity map
     calib_batch: int = DEFAULT_CALIB_BATCH  # samples per UNet call (trajectories, statistics, probes)
 
@@ -70,6 +68,6 @@ class CalibrationRequest:
         # every configuration parsed and priceable on the target before minutes of calibration
         configs = candidate_configs(base, list(self.extra_configs))
         gpu = gpu_spec(self.target_gpu)
-        if any(c.fmt == "fp8" for c in configs):
-            format_peak(gpu, "fp8")
+        for kernel in dict.fromkeys(c.kernel for c in configs):
+            format_peak(gpu, kernel)
         return base, policy

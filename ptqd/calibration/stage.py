@@ -25,6 +25,7 @@ from ptqd.calibration.sensitivity import (SENSITIVITY_PROBES, SENSITIVITY_STEPS,
 from ptqd.calibration.request import CalibrationRequest
 from ptqd.calibration.trajectory import chunk_engine
 from ptqd.ddim import ddim_timeline
+from ptqd.runtime.formats import quant_format
 from ptqd.runtime.schedule import fold_step
 
 # recorded (x_t, t) whose layer inputs build GPTQ's Hessians, spread over every step
@@ -188,7 +189,7 @@ def print_summary(doc: dict) -> None:
     click.echo(f"{'config':8} {'mean k':>8} {'mean |bias|':>11} {'mean σ_q':>9} "
                f"{'SNR dB (naive→PTQD)':>20} {'BOPs/step':>11}")
     for name, per_step in doc["stats"].items():
-        if doc["configs"][name].get("format") == "fp16":
+        if not quant_format(doc["configs"][name].get("format", "int")).quantized:
             # its statistics are measured on the FP32 torch model: zero by construction
             click.echo(f"{name:8} {'float engine, no quantization noise':>51} "
                        f"{doc['configs'][name]['bops_per_step']:11.3e}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptqd.runtime.formats import parse_config
 
 
 @dataclass
@@ -29,7 +30,7 @@ def variants_for(configs: list[str]) -> list[Variant]:
     out = [Variant("fp32", "fp32", False)]
     for cfg in sorted(configs):
         out.append(Variant(cfg, cfg, False))
-        if cfg != "fp16":  # the float engine has no correction to apply (its statistics are zero)
+        if parse_config(cfg)[0].quantized:  # the float engine has no correction to apply (its statistics are zero)
             out.append(Variant(f"{cfg}+ptqd", cfg, True))
     return out + [Variant("mixed", "mixed", False), Variant("mixed+ptqd", "mixed", True)]
 

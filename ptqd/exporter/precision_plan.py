@@ -10,8 +10,11 @@ CONV_OPS = ("Conv", "ConvTranspose")
 
 
 def _storage(op: str, config, denoiser: str) -> dict:
-    if config.fmt == "fp8":
-        return _fp8_storage(op, denoiser)
+    """How a quantized layer of `config` is stored and run, in the words of its format."""
+    return STORAGE[config.fmt](op, config, denoiser)
+
+
+def _int_storage(op: str, config, denoiser: str) -> dict:
     weight_bits, act_bits = config.weight_bits, config.act_bits
     w_trt = "INT8" if weight_bits == 8 else "INT8 holding the 4-bit grid [-8, 7]"
     a_trt = "INT8" if act_bits == 8 else "Clip to the 4-bit grid + INT8"
@@ -31,7 +34,7 @@ def _storage(op: str, config, denoiser: str) -> dict:
     }
 
 
-def _fp8_storage(op: str, denoiser: str) -> dict:
+def _fp8_storage(op: str, config, denoiser: str) -> dict:
     fp8 = "FLOAT8E4M3FN (E4M3, saturating at +-448 x scale)"
     return {
         "tensorrt": {"graph": f"{denoiser}_fp8.onnx", "weights": fp8, "activations": fp8,
@@ -41,6 +44,10 @@ def _fp8_storage(op: str, denoiser: str) -> dict:
                         "executes": "dequantized to float, float kernel; the exact twin of the fake-quant "
                                     "model (also the CPU graph: onnxruntime has no FP8 kernels)"},
     }
+
+
+# per runtime.formats format that quantizes: its precision-plan text
+STORAGE = {"int": _int_storage, "fp8": _fp8_storage}
 
 
 def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto, family, denoiser: str,

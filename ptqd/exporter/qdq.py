@@ -79,11 +79,8 @@ def _int_tensor(name: str, values: np.ndarray, dtype: int) -> onnx.TensorProto:
 def storage_types(quant: ConfigQuant, storage: Storage) -> tuple[int, int]:
     """(weight, activation) ONNX types of one configuration's Q/DQ in one graph flavour."""
     config = quant.config
-    if config.fmt == "fp8":
-        return FP8, FP8
-    weight = INT4 if (config.weight_bits == 4 and storage.weight_int4) else INT8
-    act = INT4 if (config.act_bits == 4 and storage.act_int4) else INT8
-    return weight, act
+    names = config.format.onnx_types(config.weight_bits, config.act_bits, storage.weight_int4, storage.act_int4)
+    return tuple(getattr(TensorProto, name) for name in names)
 
 
 class QDQInserter:
@@ -191,7 +188,8 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
     if missing:
         raise ValueError(f"calibrated layers not found in the ONNX graph: {', '.join(missing[:5])}")
     inserter = QDQInserter(model, storage, fp_model)
-    weight_type, act_type = storage_types(quant, storage)
+    # the float engine (fp16) has no quantized layer: its copy is the FP graph, renamed
+    weight_type, act_type = storage_types(quant, storage) if quant.config.quantized else (None, None)
     for layer, lq in sorted(quant.layers.items()):
         node = nodes[layer]
         inserter.activation(node, layer, float(lq.act_scale), quant.config.act_bits, act_type)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptqd.runtime.formats import parse_config
+
 # OUT's folders, one per stage (ARCHITECTURE.md)
 CALIBRATION_DIR = "calibration"
 ONNX_DIR = "onnx"
@@ -74,9 +76,12 @@ def graph_path(onnx_dir: Path, cfg: str, flavour: str, denoiser: str = DEFAULT_D
     where one graph serves both: the float engine (fp16) is the FP32 graph in ONNX Runtime
     (FP32 CPU kernels; TensorRT gets its FP16 graph), and onnxruntime has no FP8 kernels to fuse
     into, so fp8's CPU graph is its reference graph."""
-    if cfg == "fp32" or (cfg == "fp16" and flavour != "tensorrt"):
+    if cfg == "fp32":
         return onnx_dir / fp_graph_name(denoiser)
-    if cfg == "fp8" and flavour == "cpu-fast":
+    fmt = parse_config(cfg)[0]
+    if not fmt.quantized and flavour != "tensorrt":
+        return onnx_dir / fp_graph_name(denoiser)
+    if fmt.cpu_fast_is_reference and flavour == "cpu-fast":
         flavour = "onnxruntime"
     return onnx_dir / GRAPH_FILES[flavour].format(denoiser=denoiser, cfg=cfg)
 
