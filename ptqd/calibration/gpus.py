@@ -32,6 +32,10 @@ GPUS = {
     # L40S datasheet copy (mullet.se): FP16 733*, FP8 1,466*; INT8 732.9 dense (hmc-tech);
     # 864 GB/s GDDR6.
     "l40s": GPU("l40s", "L40S", 362.0, 733.0, 733.0, 0.864),
+    # B200 (HGX, 1,000 W; glennklockwood.com/garden/processors/B200, citing NVIDIA's Blackwell
+    # figures): dense FP16 2,250, FP8 4,500, INT8 4,500 (sparse twice that); 8 TB/s HBM3e
+    # (hmc-tech lists 7.7 TB/s). Its dense FP4, 9,000, awaits an FP4 format to price.
+    "b200": GPU("b200", "B200 (HGX)", 2250.0, 4500.0, 4500.0, 8.0),
     # RTX 4090 (waredb): FP16 and FP8 at FP32 accumulate, the rates TensorRT's FP32-accumulating
     # kernels see; the FP16-accumulate rates (x2) are not confirmed. 1,008 GB/s GDDR6X.
     "rtx4090": GPU("rtx4090", "RTX 4090", 165.2, 330.3, 660.6, 1.008),

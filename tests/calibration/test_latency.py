@@ -56,7 +56,7 @@ def test_fp8_on_a100_is_a_user_error_naming_the_gpu():
 
 @pytest.mark.parametrize("gpu", ["v100", "", "h100x"])
 def test_unknown_gpu_lists_the_known_ones(gpu):
-    with pytest.raises(UserError, match="h100, h200, a100, l40s, rtx4090"):
+    with pytest.raises(UserError, match="h100, h200, a100, l40s, b200, rtx4090"):
         estimate_step_latency([CONV], NO_FLOAT_OPS, ["w8a8"], (), gpu=gpu)
 
 
