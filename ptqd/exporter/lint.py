@@ -15,6 +15,7 @@ from onnx import TensorProto, numpy_helper
 
 from ptqd.exporter.fp16 import EXCEPTIONS_KEY, fp32_exceptions, fp32_slot
 from ptqd.exporter.graph_io import weightless
+from ptqd.runtime.formats import BLOCKED_OPSET, PER_AXIS_OPSET, TYPE_OPSET
 
 TARGETS = ("tensorrt", "onnxruntime")
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -92,10 +93,11 @@ def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
         zp = g.constant(node.input[2])
         if zp is None or np.any(zp.astype(np.float32) != 0):
             out.append(Violation(node.name, "zero-point", f"zero point {node.input[2]}"))
-        if g.dtype(node.input[2]) == TensorProto.FLOAT8E4M3FN and g.opset < 19:
-            out.append(Violation(node.name, "opset", f"FP8 at opset {g.opset}, needs 19"))
+        dtype = TensorProto.DataType.Name(g.dtype(node.input[2]))
+        if g.opset < TYPE_OPSET.get(dtype, 0):
+            out.append(Violation(node.name, "opset", f"{dtype} at opset {g.opset}, needs {TYPE_OPSET[dtype]}"))
     if scale is not None and scale.size > 1:
-        needed = 21 if g.attr(node, "block_size", 0) else 13
+        needed = BLOCKED_OPSET if g.attr(node, "block_size", 0) else PER_AXIS_OPSET
         if g.opset < needed:
             out.append(Violation(node.name, "opset", f"opset {g.opset}, needs {needed}"))
 
@@ -150,7 +152,7 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
             out.append(Violation(dq.name, "int4-conv", f"INT4 weight feeds {user.name}"))
         elif block not in (64, 128):
             out.append(Violation(dq.name, "int4-blocked", f"block_size {block or 'none'}"))
-        if g.opset < 21:
+        if g.opset < TYPE_OPSET["INT4"]:
             out.append(Violation(dq.name, "opset", f"INT4 at opset {g.opset}"))
 
 

@@ -1,9 +1,12 @@
 """What a quantization format is, said once: how a configuration of it is named and parsed,
-its weight and activation grids and their granularity, the ONNX types its graphs store, the
-minimum opset those types need, the kernel a quantized layer runs on TensorRT (which prices
-it in the latency model), and what its graphs say in the precision plan. Calibration, the
-exporter, the latency model, the graph layout and the CLI ask this registry instead of testing
-format strings. Data only: no torch, no onnx (the runtime imports it).
+its weight and activation grids and their granularity, the ONNX types its graphs store and
+the first opset each type and scale layout needs (TYPE_OPSET, which the lint checks), the
+kernel a quantized layer runs on TensorRT and the bytes the latency model charges for it,
+the configuration a mixed schedule steps up to, and whether its CPU graph is its reference
+graph. Calibration, the exporter, the lint, the latency model, the graph layout and the CLI
+ask this registry instead of testing format strings; the precision plan's words for each
+format sit beside the plan (exporter/precision_plan.STORAGE). Data only: no torch, no onnx
+(the runtime imports it).
 
 A configuration is named w{weight bits}a{activation bits} (integer grids), `fp8` (E4M3) or
 `fp16` (nothing quantized: the float engine a schedule may fall back to).
@@ -19,6 +22,11 @@ from ptqd.errors import UserError
 # 4-bit grid held in INT8 costs a byte: what the GPU reads, not what the grid needs)
 KERNEL_BYTES = {"fp16": 2, "fp8": 1, "int8": 1}
 FLOAT_KERNEL = "fp16"
+# the first opset whose QuantizeLinear/DequantizeLinear take an element type, a per-axis scale
+# or a blocked one (TRT_API.md: per-channel >= 13, FP8 >= 19, INT4 and blocks >= 21)
+TYPE_OPSET = {"INT8": 10, "FLOAT8E4M3FN": 19, "INT4": 21}
+PER_AXIS_OPSET = 13
+BLOCKED_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,6 @@ class QuantFormat:
     weight_grid: Grid | None
     act_grid: Grid | None
     base: bool                   # may be calibrate's base configuration (--format)
-    min_opset: int               # the first opset whose Q/DQ take its ONNX types
     # the configuration a mixed schedule may switch to above one of this format (None: none)
     step_up: str | None = None
     # its configurations' reference graph serves ONNX Runtime's CPU-fast flavour too (no CPU
@@ -89,14 +96,14 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     QuantFormat("int", "integer grids: symmetric weights per output channel, activations per tensor",
                 quantized=True, fixed_bits=None, weight_bits=(4, 8), act_bits=(4, 8),
                 weight_grid=Grid("int", "channel"), act_grid=Grid("int", "tensor"), base=True,
-                min_opset=13, step_up="w8a8"),   # INT8 Q/DQ with a per-axis scale; INT4 storage asks opset 21
+                step_up="w8a8"),
     QuantFormat("fp8", "E4M3 weights per output channel and activations per tensor",
                 quantized=True, fixed_bits=8, weight_bits=(8,), act_bits=(8,),
                 weight_grid=Grid("e4m3", "channel"), act_grid=Grid("e4m3", "tensor"), base=True,
-                min_opset=19, step_up="fp16", cpu_fast_is_reference=True),
+                step_up="fp16", cpu_fast_is_reference=True),
     QuantFormat("fp16", "nothing quantized: the float engine (FP16 on TensorRT, FP32 in ONNX Runtime)",
                 quantized=False, fixed_bits=16, weight_bits=(16,), act_bits=(16,),
-                weight_grid=None, act_grid=None, base=False, min_opset=13),
+                weight_grid=None, act_grid=None, base=False),
 )}
 BASE_FORMATS = tuple(name for name, f in FORMATS.items() if f.base)
 
