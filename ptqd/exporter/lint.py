@@ -80,7 +80,20 @@ class _Graph:
         return None
 
     def dtype(self, name: str) -> int | None:
-        return self.inits[name].data_type if name in self.inits else None
+        """A constant's element type (an initializer or a Constant node's value)."""
+        if name in self.inits:
+            return self.inits[name].data_type
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return self.attr(node, "value").data_type
+        return None
+
+    def quantized_type(self, node) -> int | None:
+        """The element type on a Q/DQ node's quantized side: its zero point's, else a DQ's
+        constant input's."""
+        if len(node.input) > 2 and node.input[2]:
+            return self.dtype(node.input[2])
+        return self.dtype(node.input[0]) if node.op_type == "DequantizeLinear" else None
 
 
 def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
@@ -93,9 +106,11 @@ def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
         zp = g.constant(node.input[2])
         if zp is None or np.any(zp.astype(np.float32) != 0):
             out.append(Violation(node.name, "zero-point", f"zero point {node.input[2]}"))
-        dtype = TensorProto.DataType.Name(g.dtype(node.input[2]))
-        if g.opset < TYPE_OPSET.get(dtype, 0):
-            out.append(Violation(node.name, "opset", f"{dtype} at opset {g.opset}, needs {TYPE_OPSET[dtype]}"))
+    qtype = g.quantized_type(node)
+    if qtype is not None:
+        name = TensorProto.DataType.Name(qtype)
+        if g.opset < TYPE_OPSET.get(name, 0):
+            out.append(Violation(node.name, "opset", f"{name} at opset {g.opset}, needs {TYPE_OPSET[name]}"))
     if scale is not None and scale.size > 1:
         needed = BLOCKED_OPSET if g.attr(node, "block_size", 0) else PER_AXIS_OPSET
         if g.opset < needed:
@@ -152,8 +167,6 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
             out.append(Violation(dq.name, "int4-conv", f"INT4 weight feeds {user.name}"))
         elif block not in (64, 128):
             out.append(Violation(dq.name, "int4-blocked", f"block_size {block or 'none'}"))
-        if g.opset < TYPE_OPSET["INT4"]:
-            out.append(Violation(dq.name, "opset", f"INT4 at opset {g.opset}"))
 
 
 def _check_fp32_compute(model: onnx.ModelProto, out: list[Violation]) -> None:

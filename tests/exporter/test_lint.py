@@ -154,3 +154,14 @@ def test_lint_command_names_node_and_rule(tmp_path):
     assert result.returncode == 1
     assert "act_q: [zero-point]" in result.stdout and "good.onnx: clean" in result.stdout
     assert run_cli("lint", str(good)).returncode == 0
+
+
+def test_a_zero_point_made_by_a_constant_node_is_typed_like_an_initializer():
+    """`ptqd lint` reads graphs it did not write: an FP8 zero point from a Constant node at
+    opset 18 is the same opset violation as one stored as an initializer, once per node."""
+    model = _graph(act_fp8=True, w_fp8=True, opset=18)
+    zp = next(i for i in model.graph.initializer if i.name == "a_zp")
+    model.graph.initializer.remove(zp)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["a_zp"], name="a_zp_const", value=zp))
+    violations = [(v.node, v.rule) for v in lint_model(model) if v.rule == "opset"]
+    assert sorted(violations) == [("act_dq", "opset"), ("act_q", "opset"), ("w_dq", "opset")]
