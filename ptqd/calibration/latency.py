@@ -41,7 +41,7 @@ FP16_ENGINE = "fp16"
 OUTPUT_BYTES = 2         # layer outputs are FP16: Q/DQ sit on layer inputs only
 
 
-def layer_format(config: str, layer: str, keep: tuple[str, ...]) -> str:
+def layer_kernel(config: str, layer: str, keep: tuple[str, ...]) -> str:
     """The TensorRT kernel a layer runs in a configuration (runtime.formats.config_kernel)."""
     return FLOAT_KERNEL if is_kept(layer, keep) else config_kernel(config)
 
@@ -86,7 +86,7 @@ def estimate_step_latency(layers: list[LayerInfo], float_ops: FloatOps, configs,
     rest = float_seconds(float_ops, batch, target)
     out = {}
     for config in dict.fromkeys([FP16_ENGINE, *configs]):
-        seconds = sum(layer_seconds(layer, layer_format(config, layer.name, keep), batch, target)
+        seconds = sum(layer_seconds(layer, layer_kernel(config, layer.name, keep), batch, target)
                       for layer in layers)
         out[config] = (seconds + rest) * 1e3
     return out

@@ -102,11 +102,8 @@ def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
     ONNX Runtime, TensorRT's parser) reads the same model, the initializers in order."""
     graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
     initializer_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    skeleton = onnx.ModelProto()
-    _copy_fields(skeleton, model, skip="graph")
-    _copy_fields(skeleton.graph, model.graph, skip="initializer")
     with open(path, "wb") as out:
-        out.write(skeleton.SerializeToString())
+        out.write(_without_initializers(model).SerializeToString())
         for tensor in model.graph.initializer:
             payload = tensor.SerializeToString()
             inner = _length_delimited(initializer_field, len(payload))
@@ -190,6 +187,14 @@ def _copy_fields(target, source, skip: str) -> None:
             setattr(target, field.name, value)
 
 
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` but its graph's initializers."""
+    copy = onnx.ModelProto()
+    _copy_fields(copy, model, skip="graph")
+    _copy_fields(copy.graph, model.graph, skip="initializer")
+    return copy
+
+
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` without the payload of its large initializers: what shape inference
     and folding need (names, types, dims, the small shape tensors) serializes far under 2 GiB
@@ -199,9 +204,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     payload in place and putting it back would hold every weight twice. `restore_weights`
     puts the payload into a model derived from the view (a pass's output that kept the
     tensors' names)."""
-    view = onnx.ModelProto()
-    _copy_fields(view, model, skip="graph")
-    _copy_fields(view.graph, model.graph, skip="initializer")
+    view = _without_initializers(model)
     for tensor in model.graph.initializer:
         if _is_weight(tensor) and not tensor.external_data:
             stub = view.graph.initializer.add()

@@ -93,7 +93,6 @@ class QDQInserter:
         self.inits = {i.name: i for i in source.graph.initializer}
         self.new_nodes: dict[str, list] = {}   # consumer node name -> nodes to put before it
         self.after_nodes: dict[str, list] = {}  # producer node name -> nodes to put after it
-        self.added: list[str] = []   # initializers added to the graph, in order
         self.dropped: set[str] = set()
 
     def activation(self, node, layer: str, scale: float, bits: int, dtype: int) -> None:
@@ -152,7 +151,6 @@ class QDQInserter:
         """Into the graph at once (copied into its message): a list of them, added at the end,
         would hold every quantized weight twice."""
         self.model.graph.initializer.append(tensor)
-        self.added.append(tensor.name)
 
     def _const(self, name: str, value: float) -> str:
         self._add(numpy_helper.from_array(np.array(value, dtype=np.float32), name))

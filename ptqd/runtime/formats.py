@@ -40,14 +40,11 @@ class Grid:
 @dataclass(frozen=True)
 class QuantFormat:
     name: str                    # the --format word and BitConfig.fmt
-    description: str
-    quantized: bool
-    # bits a configuration of this format has, (weights, activations): fixed for a float
-    # format, or the sets an integer configuration may choose from
-    fixed_bits: int | None
+    # the bits a configuration of this format may have: one for a float format (its name is
+    # the configuration's), the choices of an integer one
     weight_bits: tuple[int, ...]
     act_bits: tuple[int, ...]
-    weight_grid: Grid | None
+    weight_grid: Grid | None     # None: nothing quantized
     act_grid: Grid | None
     base: bool                   # may be calibrate's base configuration (--format)
     # the configuration a mixed schedule may switch to above one of this format (None: none)
@@ -55,6 +52,17 @@ class QuantFormat:
     # its configurations' reference graph serves ONNX Runtime's CPU-fast flavour too (no CPU
     # kernels to fuse into: FP8)
     cpu_fast_is_reference: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_grid is not None
+
+    @property
+    def fixed_bits(self) -> int | None:
+        """The bits of a format with one configuration (fp8: 8, fp16: 16); None for a choice."""
+        if len(self.weight_bits) == 1 and self.weight_bits == self.act_bits:
+            return self.weight_bits[0]
+        return None
 
     def config_name(self, weight_bits: int, act_bits: int) -> str:
         return self.name if self.fixed_bits is not None else f"w{weight_bits}a{act_bits}"
@@ -93,16 +101,16 @@ class QuantFormat:
 
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
-    QuantFormat("int", "integer grids: symmetric weights per output channel, activations per tensor",
-                quantized=True, fixed_bits=None, weight_bits=(4, 8), act_bits=(4, 8),
+    # integer grids: symmetric weights per output channel, activations per tensor
+    QuantFormat("int", weight_bits=(4, 8), act_bits=(4, 8),
                 weight_grid=Grid("int", "channel"), act_grid=Grid("int", "tensor"), base=True,
                 step_up="w8a8"),
-    QuantFormat("fp8", "E4M3 weights per output channel and activations per tensor",
-                quantized=True, fixed_bits=8, weight_bits=(8,), act_bits=(8,),
+    # E4M3 weights per output channel and activations per tensor
+    QuantFormat("fp8", weight_bits=(8,), act_bits=(8,),
                 weight_grid=Grid("e4m3", "channel"), act_grid=Grid("e4m3", "tensor"), base=True,
                 step_up="fp16", cpu_fast_is_reference=True),
-    QuantFormat("fp16", "nothing quantized: the float engine (FP16 on TensorRT, FP32 in ONNX Runtime)",
-                quantized=False, fixed_bits=16, weight_bits=(16,), act_bits=(16,),
+    # nothing quantized: the float engine (FP16 on TensorRT, FP32 in ONNX Runtime)
+    QuantFormat("fp16", weight_bits=(16,), act_bits=(16,),
                 weight_grid=None, act_grid=None, base=False),
 )}
 BASE_FORMATS = tuple(name for name, f in FORMATS.items() if f.base)
