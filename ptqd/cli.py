@@ -126,14 +126,18 @@ def sample(out, model, num, seed, steps, eta, batch_size, backend, precision, no
 def _calibration_options(f):
     options = [
         _model_option,
-        click.option("--bits", type=int, default=None, help="Weight bits (4 or 8) [default: 4; 8 with --format fp8]."),
+        click.option("--bits", type=int, default=None,
+                     help="Weight bits (4 or 8) [default: 4; 8 with --format fp8, 4 with --format nvfp4]."),
         click.option("--act-bits", type=int, default=None,
-                     help="Activation bits (4 or 8) [default: 8]. 4 is an accuracy study, not a speed-up: no "
-                          "runtime ptqd deploys to (TensorRT, ONNX Runtime) has 4-bit activation kernels."),
+                     help="Activation bits (4, 8, or 16 with --bits 4: w4a16, INT4 weight-only Linear layers in "
+                          "blocks of 128, FP16 activations and convolutions) [default: 8]. 4 is an accuracy study, "
+                          "not a speed-up: no runtime ptqd deploys to has 4-bit integer activation kernels."),
         click.option("--format", "fmt", type=click.Choice(BASE_FORMATS), default="int", show_default=True,
-                     help="The base configuration's number format: int (--bits/--act-bits integer grids) or "
-                          "fp8 (E4M3 weights and activations; --bits/--act-bits must stay 8 or unset; TensorRT "
-                          "runs FP8 on Ada and Hopper GPUs). Extra configurations: --configs (fp8, fp16, w8a8)."),
+                     help="The base configuration's number format: int (--bits/--act-bits integer grids), fp8 "
+                          "(E4M3 weights and activations; TensorRT runs FP8 on Ada, Hopper and Blackwell GPUs) or "
+                          "nvfp4 (NVFP4 Linear layers, FP4 E2M1 in blocks of 16, FP8 convolutions; Blackwell only: "
+                          "--target-gpu b200 or rtx5090); fp8 and nvfp4 leave --bits/--act-bits unset. Extra "
+                          "configurations: --configs (w8a8, w4a16, fp8, nvfp4, fp16)."),
         _device_option,
         click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
                      help="Measure the per-layer sensitivity map (calibration/sensitivity.json): one denoiser call "
@@ -157,8 +161,9 @@ def _calibration_options(f):
         click.option("--correction", default="auto", show_default=True,
                      help="auto (per step, chosen on held-out trajectories), paper, raw-k or bias-map."),
         click.option("--configs", "extra_configs", default="",
-                     help="Extra configurations to calibrate, comma-separated: w<bits>a<bits>, fp8, or fp16 "
-                          "(the float engine a schedule may fall back to) (e.g. w4a4,fp16)."),
+                     help="Extra configurations to calibrate, comma-separated: w<bits>a<bits> (w4a16: INT4 "
+                          "weight-only), fp8, nvfp4, or fp16 (the float engine a schedule may fall back to) "
+                          "(e.g. w4a4,fp16)."),
         click.option("--keep", default=None,
                      help="Layers kept in float (comma-separated glob patterns of module names) [default: the "
                           "model family's: conv_in,conv_out,time_embedding.* for UNets (SDXL adds add_embedding.*), "

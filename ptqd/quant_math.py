@@ -3,10 +3,12 @@ exporter both call these functions, so the two cannot disagree.
 
 Semantics are ONNX QuantizeLinear/DequantizeLinear with zero point 0 (TensorRT accepts
 nothing else): q = saturate(round_half_to_even(x / scale)), x' = q * scale. Scales are
-float32 and strictly positive; weights are per output channel, activations per tensor.
-Two kinds of grid: signed integers of 2..8 bits (IntGrid), and FP8 E4M3 (FLOAT8E4M3FN,
-E4M3): round to the nearest E4M3 value, ties to even, saturating at +-448 as QuantizeLinear
-does with its default saturate=1.
+float32 and strictly positive; weights are per output channel or per block of input columns,
+activations per tensor or (NVFP4) per block of their last axis, scaled at run time.
+Three kinds of grid: signed integers of 2..8 bits (IntGrid), FP8 E4M3 (FLOAT8E4M3FN, E4M3):
+round to the nearest E4M3 value, ties to even, saturating at +-448 as QuantizeLinear does
+with its default saturate=1, and FP4 E2M1 (E2M1): +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}, nearest,
+ties to even, saturating at +-6.
 """
 from __future__ import annotations
 
@@ -62,13 +64,42 @@ class FP8Grid:
         return v.copy_(v.clamp_(self.qmin, self.qmax).to(torch.float8_e4m3fn))
 
 
+@dataclass(frozen=True)
+class FP4Grid:
+    """FP4 E2M1 (ONNX FLOAT4E2M1, NVFP4's values): 2 exponent bits, 1 mantissa bit, largest
+    value 6. Between powers of two the grid is evenly spaced (0.5 below 2, 1 up to 4, 2 up to
+    6), so rounding is round-half-to-even of |v| / spacing, which lands ties on the even
+    mantissa as the format's rounding does. Written with the ops an ONNX graph has (Abs,
+    Clip, Less, Where, Div, Round, Mul, Sign), so ONNX Runtime's stand-in (exporter/qdq.py)
+    computes the same values."""
+    bits: int = 4
+    qmin: float = -6.0
+    qmax: float = 6.0
+
+    @property
+    def storage(self) -> torch.dtype:
+        # torch has no unpacked FP4 type; E4M3 holds every E2M1 value exactly
+        return torch.float8_e4m3fn
+
+    def round_(self, v: torch.Tensor) -> torch.Tensor:
+        a = v.abs().clamp_(max=self.qmax)
+        step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+        return v.copy_(torch.sign(v).mul_(a.div_(step).round_().mul_(step)))
+
+
 E4M3 = FP8Grid()
-Grid = IntGrid | FP8Grid
+E2M1 = FP4Grid()
+# the smallest positive E4M3 value (a subnormal): a block scale that rounds below it would
+# divide by zero
+E4M3_TINY = 2.0 ** -9
+Grid = IntGrid | FP8Grid | FP4Grid
 
 
 def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """`scale` (float32, on x's device) shaped to broadcast along `axis` of x."""
     scale = scale.to(x.device, torch.float32)
+    if scale.shape == x.shape:   # an elementwise scale (blocks expanded: expand_blocks)
+        return scale
     if axis is None or scale.numel() == 1:
         return scale.reshape(())
     shape = [1] * x.dim()
@@ -139,3 +170,40 @@ def activation_scale(values: torch.Tensor, max_abs: float, grid: Grid, candidate
         if err < best_err:
             best_err, best = err, scale
     return best
+
+
+def expand_blocks(scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block scales [out, in / block] as the weight's [out, in] elementwise scale."""
+    return scale.repeat_interleave(block, dim=1)
+
+
+def block_weight_scales(weight: torch.Tensor, grid: Grid, block: int,
+                        scale_grid: Grid | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales of a Linear weight [out, in] per block of `block` input columns: each block's
+    clipping searched as weight_scales searches a channel's. With `scale_grid` (E4M3: NVFP4)
+    the block scales are stored on that grid under one FP32 global scale, which maps the
+    largest onto the grid's top: (grid values [out, in / block], global); the scale a block
+    uses is their product. Without: (FP32 scales, None)."""
+    out, cols = weight.shape
+    if cols % block:
+        raise ValueError(f"{cols} input columns are not a whole number of blocks of {block}")
+    scales = weight_scales(weight.detach().reshape(out * cols // block, block), grid).reshape(out, cols // block)
+    if scale_grid is None:
+        return scales, None
+    global_scale = scale_for_range(scales.max(), scale_grid)
+    codes = quantize(scales, global_scale, scale_grid).clamp_(min=E4M3_TINY)
+    return codes, global_scale
+
+
+def fake_quantize_dynamic(x: torch.Tensor, global_scale: torch.Tensor, grid: Grid, block: int,
+                          scale_grid: Grid = E4M3) -> torch.Tensor:
+    """An activation quantized as TensorRT's dynamic block quantize does (NVFP4): blocks of
+    `block` along the last axis, each scaled by its own absolute maximum mapped onto the
+    grid's top, that scale rounded onto `scale_grid` under the calibrated `global_scale`. A
+    block of zeros (scale 0) is divided by 1: its values are 0 either way."""
+    shape = x.shape
+    xb = x.to(torch.float32).reshape(-1, block)
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    scale = dequantize(quantize(amax / grid.qmax, global_scale, scale_grid), global_scale)
+    scale = torch.where(scale == 0, 1.0, scale)
+    return grid.round_(xb / scale).mul_(scale).reshape(shape)

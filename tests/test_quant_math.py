@@ -88,3 +88,35 @@ def test_activation_scale_clips_heavy_tails():
     v = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
     scale = activation_scale(v, float(v.abs().max()), grid)
     assert scale * grid.qmax < v.abs().max() * 0.8
+
+
+def test_e2m1_rounds_to_nearest_ties_to_even_and_saturates():
+    from ptqd.quant_math import E2M1
+
+    x = torch.tensor([0.24, 0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.01, 7.0, 1e9, -0.25, -2.6, -100.0])
+    # ties go to the even mantissa: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4
+    expected = [0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 6.0, 0.0, -3.0, -6.0]
+    assert E2M1.round_(x.clone()).tolist() == expected
+    # every E2M1 value is its own rounding, and torch's own FP4 conversion agrees where it has one
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    assert torch.equal(E2M1.round_(grid.clone()), grid)
+    import ml_dtypes
+
+    values = torch.linspace(-7, 7, 2001)
+    theirs = values.numpy().astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    assert np.array_equal(E2M1.round_(values.clone()).numpy(), theirs)
+
+
+def test_nvfp4_block_scales_are_e4m3_values_under_one_global_scale():
+    from ptqd.quant_math import E2M1, block_weight_scales
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    weight[3, 5] = 40.0                        # one outlier sets the global scale
+    codes, global_scale = block_weight_scales(weight, E2M1, 16, E4M3)
+    assert codes.shape == (8, 4) and codes.max() <= E4M3.qmax
+    assert torch.equal(codes, E4M3.round_(codes.clone())) and (codes > 0).all()
+    # the outlier's block scale is the largest, at the top of E4M3's range
+    assert codes.argmax() == 3 * 4 and codes.max() == E4M3.qmax
+    # other blocks keep scales of their own size, far below the outlier's
+    effective = codes * global_scale
+    assert effective[0].max() < effective[3, 0] / 5

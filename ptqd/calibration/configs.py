@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from ptqd.runtime.formats import FORMATS, QuantFormat, parse_config, quant_format
+from ptqd.runtime.formats import FORMATS, LAYER_KINDS, QuantFormat, parse_config, quant_format
 
 FLOAT_CONFIG = "fp32"
 DEFAULT_CALIB_SAMPLES = 128
@@ -41,9 +41,12 @@ class BitConfig:
 
     @classmethod
     def of_format(cls, fmt: str, weight_bits: int = 8, act_bits: int = 8) -> "BitConfig":
-        """The configuration of a format: the integer one at the given bits, or fp8 / fp16."""
-        fixed = quant_format(fmt).fixed_bits
-        return cls(fixed, fixed, fmt) if fixed is not None else cls(weight_bits, act_bits, fmt)
+        """The configuration of a format: an integer one at the given bits (w4a16 included:
+        integer configurations are found by their bits), or fp8 / nvfp4 / fp16."""
+        found = quant_format(fmt)
+        if found.bits_named:
+            return cls.parse(found.config_name(weight_bits, act_bits))
+        return cls(found.weight_bits[0], found.act_bits[0], fmt)
 
     @property
     def name(self) -> str:
@@ -53,10 +56,20 @@ class BitConfig:
     def quantized(self) -> bool:
         return self.format.quantized
 
+    def kernel(self, kind: str = "linear") -> str:
+        """The TensorRT kernel its quantized layers of `kind` run (runtime.formats.QuantFormat.kernel)."""
+        return self.format.kernel(kind)
+
     @property
-    def kernel(self) -> str:
-        """The TensorRT kernel its quantized layers run (runtime.formats.QuantFormat.kernel)."""
-        return self.format.kernel(self.weight_bits, self.act_bits)
+    def kernels(self) -> tuple[str, ...]:
+        """Every kernel its layers may run: what a target GPU must have."""
+        return tuple(dict.fromkeys(self.kernel(kind) for kind in LAYER_KINDS))
+
+    def for_kind(self, kind: str) -> "BitConfig":
+        """The configuration a kind of layer ("conv", "linear") takes in this one: itself, or
+        another format where this one says so (nvfp4's convolutions are fp8)."""
+        fmt = self.format.format_for(kind)
+        return self if fmt.name == self.fmt else BitConfig.of_format(fmt.name, self.weight_bits, self.act_bits)
 
     # the grids (None for fp16) import torch (quant_math); this module stays importable
     # without it (the CLI)
@@ -68,6 +81,15 @@ class BitConfig:
     def act_grid(self):
         return _grid(self.format.act_grid, self.act_bits)
 
+    # how the grids are laid out (runtime.formats.Grid: granularity, block, block-scale format)
+    @property
+    def weight_layout(self):
+        return self.format.weight_grid
+
+    @property
+    def act_layout(self):
+        return self.format.act_grid
+
     @classmethod
     def parse(cls, name: str) -> "BitConfig":
         fmt, weight_bits, act_bits = parse_config(name)
@@ -75,17 +97,17 @@ class BitConfig:
 
 
 def _grid(grid, bits: int):
-    """The quant_math grid a format's Grid stands for."""
-    from ptqd.quant_math import E4M3, IntGrid
+    """The quant_math grid a format's Grid stands for (its granularity is the Grid's)."""
+    from ptqd.quant_math import E2M1, E4M3, IntGrid
 
     if grid is None:
         return None
-    return E4M3 if grid.kind == "e4m3" else IntGrid(bits)
+    return {"e4m3": E4M3, "e2m1": E2M1}.get(grid.kind) or IntGrid(bits)
 
 
 def candidate_configs(base: BitConfig, extra: list[str] | None = None) -> list[BitConfig]:
     """The base configuration plus the next-higher one a mixed schedule may switch to: w8a8
-    above lower integer bits, the float engine (fp16) above fp8."""
+    above lower integer bits, fp8 above nvfp4, the float engine (fp16) above fp8 and w4a16."""
     configs = {base}
     if base.format.step_up is not None:
         configs.add(BitConfig.parse(base.format.step_up))

@@ -7,25 +7,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptqd.calibration.params import ConfigQuant, LayerQuant
 from ptqd.calibration.configs import BitConfig
-from ptqd.quant_math import dequantize, fake_quantize
+from ptqd.calibration.layers import layer_kind
+from ptqd.calibration.params import ConfigQuant, LayerQuant, quantize_input
 
 
 class FakeQuantLayer(nn.Module):
-    """Conv2d or Linear with its input fake-quantized per tensor and its weight per channel."""
+    """Conv2d or Linear with its input and weight fake-quantized as its configuration says
+    (`config` is the layer's own: its kind's in the configuration)."""
 
     def __init__(self, layer: nn.Module, lq: LayerQuant, config: BitConfig):
         super().__init__()
         self.layer = layer
+        self.config = config
+        self.lq = lq.to(layer.weight.device)   # parameters may come from the CPU (a saved calibration)
         self.act_grid = config.act_grid
-        lq = lq.to(layer.weight.device)   # parameters may come from the CPU (a saved calibration)
-        self.register_buffer("act_scale", lq.act_scale.to(torch.float32))
-        integers = lq.weight_integers(layer.weight, config.weight_grid)
-        self.register_buffer("weight_q", dequantize(integers, lq.weight_scale, axis=0))
+        self.register_buffer("weight_q", self.lq.dequantized_weight(layer.weight, config.weight_grid))
+
+    @property
+    def act_scale(self):
+        return self.lq.act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = fake_quantize(x, self.act_scale, self.act_grid)
+        x = quantize_input(x, self.lq, self.config)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, self.weight_q, self.layer.bias)
         return F.linear(x, self.weight_q, self.layer.bias)
@@ -41,5 +45,6 @@ def fake_quant_unet(unet: nn.Module, quant: ConfigQuant) -> nn.Module:
     for name, lq in quant.layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FakeQuantLayer(getattr(parent, child), lq, quant.config))
+        layer = getattr(parent, child)
+        setattr(parent, child, FakeQuantLayer(layer, lq, quant.config.for_kind(layer_kind(layer))))
     return model.eval()

@@ -1,15 +1,20 @@
 """Estimated UNet step latency per configuration on a target GPU: a roofline per layer.
 
-TensorRT runs a convolution in FP16, INT8 or FP8 only; INT4 exists only as weight-only blocked
-MatMul/Gemm (TRT_API.md §3, BACKENDS.md). So what a configuration changes on a GPU is the
-format each layer runs in, not its bit widths: w4a8 and w8a8 convolutions run the same INT8
-kernels, and the BOPs metric (mixed_precision.py) prices trades the GPU never pays out.
+TensorRT runs a convolution in FP16, INT8 or FP8 only; 4-bit exists only for MatMul/Gemm, as
+INT4 weight-only with blocked scales and as NVFP4 on Blackwell (TRT_API.md §3, BACKENDS.md,
+GROWTH.md). So what a configuration changes on a GPU is the kernel each layer runs on, not its
+bit widths: w4a8 and w8a8 convolutions run the same INT8 kernels, and the BOPs metric
+(mixed_precision.py) prices trades the GPU never pays out.
 
-Per Conv2d/Linear layer, at batch B:
+Per Conv2d/Linear layer, on its kernel (runtime.formats.KERNELS), at batch B:
 
-    time = max(2 * MACs * B / tensor-core peak of its format,  bytes / memory bandwidth)
-    bytes = weights (2 per FP16 weight, 1 per INT8/FP8 weight, also when its values are 4-bit)
-          + B * input elements (1 byte quantized, 2 FP16) + B * output elements (2 bytes, FP16)
+    time = max(2 * MACs * B / tensor-core peak of the kernel's rate,  bytes / memory bandwidth)
+    bytes = weights x the kernel's bytes per weight (2 FP16, 1 INT8/FP8 also when the values
+            are 4-bit, 0.5 + block scales for INT4 weight-only and NVFP4)
+          + B * input elements x its bytes per input (2 FP16, 1 INT8/FP8, 0.5 + scales NVFP4)
+          + B * output elements (2 bytes, FP16)
+
+INT4 weight-only layers compute at the FP16 rate: they save weight traffic, not arithmetic.
 
 The rest of the step runs in FP16 whatever the configuration: every op outside Conv2d/Linear
 (GroupNorm, SiLU, residual adds, concatenations, upsampling) as FP16 memory traffic, and each
@@ -34,36 +39,38 @@ from ptqd.calibration.configs import is_kept
 from ptqd.calibration.gpus import DEFAULT_GPU, GPU, format_peak, gpu_spec
 from ptqd.calibration.layers import FloatOps, LayerInfo
 from ptqd.errors import UserError
-from ptqd.runtime.formats import FLOAT_KERNEL, KERNEL_BYTES, config_kernel
+from ptqd.runtime.formats import FLOAT_KERNEL, KERNELS, config_kernel
 
 # the all-FP16 engine's configuration, always estimated: the speed every other is measured against
 FP16_ENGINE = "fp16"
 OUTPUT_BYTES = 2         # layer outputs are FP16: Q/DQ sit on layer inputs only
 
 
-def layer_kernel(config: str, layer: str, keep: tuple[str, ...]) -> str:
+def layer_kernel(config: str, layer: LayerInfo, keep: tuple[str, ...]) -> str:
     """The TensorRT kernel a layer runs in a configuration (runtime.formats.config_kernel)."""
-    return FLOAT_KERNEL if is_kept(layer, keep) else config_kernel(config)
+    return FLOAT_KERNEL if is_kept(layer.name, keep) else config_kernel(config, layer.kind)
 
 
-def tensor_rate(gpu: GPU, fmt: str) -> float:
+def tensor_rate(gpu: GPU, rate: str) -> float:
     """Dense tensor-core operations per second (one MAC = 2 operations)."""
-    return format_peak(gpu, fmt) * 1e12
+    return format_peak(gpu, rate) * 1e12
 
 
-def layer_seconds(layer: LayerInfo, fmt: str, batch: int, gpu: GPU) -> float:
-    """Roofline time of one Conv2d/Linear layer running in `fmt`."""
-    compute = 2 * layer.macs * batch / tensor_rate(gpu, fmt)
-    moved = layer.params * KERNEL_BYTES[fmt] + batch * (layer.in_elems * KERNEL_BYTES[fmt] + layer.out_elems * OUTPUT_BYTES)
+def layer_seconds(layer: LayerInfo, kernel: str, batch: int, gpu: GPU) -> float:
+    """Roofline time of one Conv2d/Linear layer running on `kernel` (runtime.formats.KERNELS)."""
+    k = KERNELS[kernel]
+    compute = 2 * layer.macs * batch / tensor_rate(gpu, k.rate)
+    moved = layer.params * k.weight_bytes + batch * (layer.in_elems * k.act_bytes + layer.out_elems * OUTPUT_BYTES)
     return max(compute, moved / (gpu.bandwidth_tbs * 1e12))
 
 
 def float_seconds(ops: FloatOps, batch: int, gpu: GPU) -> float:
     """Everything outside Conv2d/Linear, in FP16, the same for every configuration."""
     bandwidth = gpu.bandwidth_tbs * 1e12
-    traffic = ops.elems * batch * KERNEL_BYTES[FLOAT_KERNEL] / bandwidth
-    rate = tensor_rate(gpu, FLOAT_KERNEL)
-    cores = sum(max(2 * c.macs * batch / rate, c.elems * batch * KERNEL_BYTES[FLOAT_KERNEL] / bandwidth)
+    fp16 = KERNELS[FLOAT_KERNEL]
+    traffic = ops.elems * batch * fp16.act_bytes / bandwidth
+    rate = tensor_rate(gpu, fp16.rate)
+    cores = sum(max(2 * c.macs * batch / rate, c.elems * batch * fp16.act_bytes / bandwidth)
                 for c in ops.attention)
     return traffic + cores
 
@@ -80,13 +87,13 @@ def estimate_step_latency(layers: list[LayerInfo], float_ops: FloatOps, configs,
                           batch: int = 1, gpu: str = DEFAULT_GPU) -> dict[str, float]:
     """Estimated milliseconds of one UNet step (one call at `batch`) per configuration, always
     including "fp16", the all-FP16 engine. Raises UserError for an unknown GPU or configuration
-    and for FP8 on a GPU without it."""
+    and for a format the GPU has no tensor cores for (FP8 on the A100, FP4 before Blackwell)."""
     target = gpu_spec(gpu)
     _check(layers, batch)
     rest = float_seconds(float_ops, batch, target)
     out = {}
     for config in dict.fromkeys([FP16_ENGINE, *configs]):
-        seconds = sum(layer_seconds(layer, layer_kernel(config, layer.name, keep), batch, target)
+        seconds = sum(layer_seconds(layer, layer_kernel(config, layer, keep), batch, target)
                       for layer in layers)
         out[config] = (seconds + rest) * 1e3
     return out

@@ -43,6 +43,11 @@ class FloatOps:
     attention: tuple[AttentionCore, ...]    # the score matmuls, one entry per attention module
 
 
+def layer_kind(module: nn.Module) -> str:
+    """The kind of a quantizable layer, as formats name them (runtime.formats.LAYER_KINDS)."""
+    return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, QUANTIZABLE)}
 
@@ -70,11 +75,11 @@ def measure_layers(unet: nn.Module, sample_shape: tuple[int, ...],
         def hook(mod, inputs, output, name=name):
             batch = output.shape[0] if output.dim() > 1 else 1
             x_elems, y_elems = inputs[0].numel() // batch, output.numel() // batch
-            if isinstance(mod, nn.Conv2d):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                kind, macs = "conv", y_elems * k
+            kind = layer_kind(mod)
+            if kind == "conv":
+                macs = y_elems * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
             else:
-                kind, macs = "linear", y_elems * mod.in_features
+                macs = y_elems * mod.in_features
             infos[name] = LayerInfo(name, kind, int(macs), mod.weight.numel(), int(x_elems), int(y_elems))
         hooks.append(module.register_forward_hook(hook))
     args, kwargs = _one_sample(unet, sample_shape, conditioning)

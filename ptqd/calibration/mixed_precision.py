@@ -59,10 +59,13 @@ class Policy:
         return self.kind if self.kind == "off" else f"{self.kind}:{self.value:g}"
 
 
-def config_bops(layers: list[LayerInfo], weight_bits: int, act_bits: int, keep: tuple[str, ...]) -> int:
+def config_bops(layers: list[LayerInfo], config, keep: tuple[str, ...]) -> int:
+    """MACs x weight bits x activation bits over the layers, each at its kind's bits in the
+    configuration (a BitConfig: nvfp4's convolutions are fp8); kept layers FP32."""
     total = 0
     for layer in layers:
-        bw, ba = (FLOAT_BITS, FLOAT_BITS) if is_kept(layer.name, keep) else (weight_bits, act_bits)
+        own = config.for_kind(layer.kind)
+        bw, ba = (FLOAT_BITS, FLOAT_BITS) if is_kept(layer.name, keep) else (own.weight_bits, own.act_bits)
         total += layer.macs * bw * ba
     return total
 

@@ -10,7 +10,7 @@ from ptqd.calibration.configs import (CORRECTIONS, DEFAULT_CALIB_BATCH, DEFAULT_
 from ptqd.calibration.gpus import DEFAULT_GPU, format_peak, gpu_spec
 from ptqd.calibration.mixed_precision import Policy
 from ptqd.errors import UserError
-from ptqd.runtime.formats import BASE_FORMATS
+from ptqd.runtime.formats import BASE_FORMATS, KERNELS
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
@@ -68,6 +68,6 @@ class CalibrationRequest:
         # every configuration parsed and priceable on the target before minutes of calibration
         configs = candidate_configs(base, list(self.extra_configs))
         gpu = gpu_spec(self.target_gpu)
-        for kernel in dict.fromkeys(c.kernel for c in configs):
-            format_peak(gpu, kernel)
+        for kernel in dict.fromkeys(k for c in configs for k in c.kernels):
+            format_peak(gpu, KERNELS[kernel].rate)
         return base, policy

@@ -90,7 +90,7 @@ def run_calibration(req: CalibrationRequest, model, folder: Path) -> dict:
         for cfg, quant in zip(configs, quants):
             stats[cfg.name] = measure_noise(unet, quant, data, n_fit, req.correction, bar, conditioner)
     timeline = ddim_timeline(sched_cfg, req.steps)
-    bops = {c.name: config_bops(layers, c.weight_bits, c.act_bits, req.keep) for c in configs}
+    bops = {c.name: config_bops(layers, c, req.keep) for c in configs}
     noise = {name: _step_noise(s, timeline, req.eta) for name, s in stats.items()}
     snr = {name: [st.snr_db for st in s] for name, s in stats.items()}
     schedule = choose_schedule(policy, base.name, snr, noise, bops, latency)

@@ -16,7 +16,12 @@ import onnx
 from ptqd.engines.jobs import EngineJob
 from ptqd.engines.release import TENSORRT_IMAGE
 from ptqd.engines.tensorrt import BuildSettings
+from ptqd.runtime.formats import min_compute_capability
 from ptqd.runtime.layout import TIMING_FILE, graph_files
+
+# why a plan needs a newer GPU, by the compute capability its kernels need
+GPU_NEEDS = {8.9: "FP8 tensor cores: Ada, Hopper or Blackwell",
+             10.0: "NVFP4 tensor cores: Blackwell, TensorRT >= 10.8"}
 
 SCRIPT_NAME = "build_engines.sh"
 TIMING_CACHE = "engines/timing.cache"
@@ -151,6 +156,12 @@ GPU_NAME=${GPU_NAME:-unknown}
 GPU_CC=${GPU_CC:-unknown}
 FAILED=()
 
+require_gpu() {  # plan minimum-compute-capability why: refused before anything is built
+  if [ "$GPU_CC" != unknown ] && awk -v have="$GPU_CC" -v need="$2" 'BEGIN { exit !(have + 0 < need + 0) }'; then
+    echo "engines/$1.plan needs a GPU of compute capability >= $2 ($3); this one is $GPU_NAME ($GPU_CC): build on such a GPU, or export without that configuration" >&2
+    exit 1
+  fi
+}
 require() {  # files a graph reads beside it: the weights of a graph past protobuf's 2 GiB
   for f in "$@"; do
     [ -f "$f" ] || { echo "$f is missing: its graph keeps its weights there; copy the whole output directory" >&2; exit 1; }
@@ -241,6 +252,13 @@ def build_script(jobs: list[EngineJob], settings: BuildSettings) -> str:
     if companions:
         lines.append("# external-data files of the graphs (exporter/graph_io.py)")
         lines.append(_call("require", companions) + "\n")
+    gated = [(job, min_compute_capability(job.config)) for job in jobs]
+    gated = [(job, cc) for job, cc in gated if cc > 0]
+    if gated:
+        lines.append("# plans whose kernels only newer GPUs have (runtime/formats.py KERNELS)")
+        lines += [_call("require_gpu", [job.name, f"{cc:g}", GPU_NEEDS.get(cc, "")])
+                  for job, cc in gated]
+        lines.append("")
     for job in jobs:
         lines.append(f"# {job.note}")
         cmd = trtexec_command(job, settings)

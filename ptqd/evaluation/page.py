@@ -136,8 +136,8 @@ variant's first (warm-up) calls.</p>
 <li>TensorRT engines: {_e(m['engines']['tensorrt'])}.</li>
 <li>Triton repository: {_e(m['triton'])}.</li>
 <li>Calibration took {m['timings']['calibration_seconds']} s; this report {m['timings'].get('report_seconds', '—')} s.</li>
-<li>4-bit activations (w4a4 and any w*a4 configuration) are an accuracy study, not a speed-up: no runtime ptqd
-deploys to has 4-bit activation kernels (TensorRT's INT4 is weight-only; ONNX Runtime's QLinear kernels are
-8-bit).</li></ul>
+<li>4-bit integer activations (w4a4 and any w*a4 configuration) are an accuracy study, not a speed-up: no
+runtime ptqd deploys to has 4-bit integer activation kernels (TensorRT's INT4 is weight-only: w4a16; ONNX
+Runtime's QLinear kernels are 8-bit). The 4-bit activations a GPU runs are nvfp4's, on Blackwell.</li></ul>
 </body></html>
 """

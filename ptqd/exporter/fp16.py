@@ -30,8 +30,10 @@ FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 MIN_OPSET = 19
 # metadata key of the FP32 exceptions: JSON {node name: reason}
 EXCEPTIONS_KEY = "ptqd.fp32_exceptions"
-# (op, input index) that ONNX types float32 independently of the data tensor
-FP32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+# (op, input index) that ONNX types float32 independently of the data tensor, and NVFP4's
+# global activation scale, which TensorRT's dynamic quantize takes in FP32 (as Model Optimizer
+# writes it) whatever its input's type
+FP32_SLOTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1), ("TRT_FP4DynamicQuantize", 1)}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)

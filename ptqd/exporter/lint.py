@@ -31,7 +31,10 @@ RULES = {
     "int4-activation": "INT4 is weight-only in TensorRT",
     "int4-conv": "TensorRT has no INT4 convolution (store the 4-bit grid as INT8)",
     "int4-blocked": "INT4 MatMul/Gemm weights need block quantization (block 64 or 128)",
-    "opset": "INT4 and block quantization need opset >= 21, FP8 needs >= 19, per-channel needs >= 13",
+    "fp4-blocked": "FP4 (NVFP4) is for MatMul/Gemm only, in blocks of 16 with E4M3 block scales under an "
+                   "FP32 global scale",
+    "block-axis": "weight blocks run along the reduction axis of the MatMul/Gemm they feed",
+    "opset": "FP4 needs opset >= 23, INT4 and block quantization >= 21, FP8 >= 19, per-channel >= 13",
     "fp8-int8-mix": "a layer's weight and input must both be FP8 or both INT8: TensorRT has no kernel "
                     "that mixes the two",
     "fp32-compute": "a strongly typed TensorRT build runs an op on FP32 tensors in FP32: make it FP16 "
@@ -40,7 +43,11 @@ RULES = {
 # TensorRT-specific: INT4 kernels, and the placement TensorRT fuses best; onnxruntime's
 # fast graphs need the opposite placement (quantized outputs feeding several ops).
 TRT_ONLY = {"int4-activation", "int4-conv", "int4-blocked", "placement", "dedicated-pair", "fp32-compute",
-            "fp8-int8-mix"}
+            "fp8-int8-mix", "fp4-blocked"}
+# TensorRT's dynamic block quantize (NVFP4 activations): its outputs are the FP4 values and
+# their E4M3 block scales, which DQs read
+DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+NVFP4_BLOCK = 16
 EIGHT_BIT = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN)
 # Not compute: a Cast is the boundary between precisions (the graph's float32 I/O included),
 # Constant creates data, Shape/Size read only a tensor's dimensions.
@@ -72,12 +79,27 @@ class _Graph:
         return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def constant(self, name: str) -> np.ndarray | None:
+        """A build-time constant's value: an initializer, a Constant node, or the DQ of constants
+        (NVFP4's two-level weight scales: E4M3 block scales times an FP32 global scale)."""
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(self.attr(node, "value"))
+        if node is not None and node.op_type == "DequantizeLinear" and not self.attr(node, "block_size", 0):
+            values, scale = self.constant(node.input[0]), self.constant(node.input[1])
+            if values is not None and scale is not None and scale.size == 1:
+                return values.astype(np.float32) * scale.astype(np.float32)
         return None
+
+    def run_time_scale(self, name: str) -> bool:
+        """A scale computed at run time by design: the DQ of the block scales a dynamic
+        quantize produced."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return False
+        source = self.producer.get(node.input[0])
+        return source is not None and source.op_type == DYNAMIC_QUANTIZE
 
     def dtype(self, name: str) -> int | None:
         """A constant's element type (an initializer or a Constant node's value)."""
@@ -99,7 +121,8 @@ class _Graph:
 def _check_qdq_node(g: _Graph, node, out: list[Violation]) -> None:
     scale = g.constant(node.input[1])
     if scale is None:
-        out.append(Violation(node.name, "scale-constant", f"scale {node.input[1]} is computed"))
+        if not g.run_time_scale(node.input[1]):
+            out.append(Violation(node.name, "scale-constant", f"scale {node.input[1]} is computed"))
     elif not (scale > 0).all():
         out.append(Violation(node.name, "scale-positive", f"min scale {scale.min():g}"))
     if len(node.input) > 2 and node.input[2]:
@@ -126,18 +149,35 @@ def _check_quantize(g: _Graph, node, out: list[Violation]) -> None:
         out.append(Violation(node.name, "int4-activation", "QuantizeLinear to INT4"))
 
 
+def _scale_of(user, name: str) -> bool:
+    """Whether `user` reads `name` as a DequantizeLinear's scale (a two-level block scale)."""
+    return user.op_type == "DequantizeLinear" and len(user.input) > 1 and user.input[1] == name
+
+
 def _check_dequantize(g: _Graph, node, out: list[Violation]) -> None:
     users = g.consumers.get(node.output[0], [])
     if len(users) > 1:
         out.append(Violation(node.name, "dedicated-pair", f"feeds {len(users)} nodes"))
     if node.input[0] not in g.inits:
         for user in users:
-            if user.op_type not in WEIGHTED:
+            if user.op_type not in WEIGHTED and not _scale_of(user, node.output[0]):
                 out.append(Violation(node.name, "placement", f"feeds {user.op_type} {user.name}"))
+        source = g.producer.get(node.input[0])
+        if source is not None and source.op_type == DYNAMIC_QUANTIZE and node.input[0] == source.output[0]:
+            _check_fp4_blocks(g, node, source, out)
         return
     weight = g.inits[node.input[0]]
     for user in users:
-        _check_weight_use(g, node, weight, user, out)
+        if not _scale_of(user, node.output[0]):
+            _check_weight_use(g, node, weight, user, out)
+
+
+def _check_fp4_blocks(g: _Graph, dq, source, out: list[Violation]) -> None:
+    """NVFP4 activations: blocks of 16 on the last axis, in the quantize and its DQ alike."""
+    for n in (source, dq):
+        block, axis = g.attr(n, "block_size", 0), g.attr(n, "axis", 1)
+        if block != NVFP4_BLOCK or axis != -1:
+            out.append(Violation(n.name, "fp4-blocked", f"block_size {block}, axis {axis}"))
 
 
 def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None:
@@ -162,11 +202,24 @@ def _check_weight_use(g: _Graph, dq, weight, user, out: list[Violation]) -> None
         names = {TensorProto.INT8: "INT8", TensorProto.FLOAT8E4M3FN: "FP8"}
         out.append(Violation(dq.name, "fp8-int8-mix", f"{names[weight.data_type]} weight, "
                              f"{names[act_type]} input into {user.name}"))
+    if block and user.op_type in ("MatMul", "Gemm") and rank == 2:
+        # the reduction axis: K of MatMul's [K, N]; of Gemm's weight, 1 with transB, else 0
+        reduction = (1 if g.attr(user, "transB", 0) else 0) if user.op_type == "Gemm" else 0
+        if g.attr(dq, "axis", 1) % rank != reduction:
+            out.append(Violation(dq.name, "block-axis", f"axis {g.attr(dq, 'axis', 1)} for {user.op_type}, "
+                                 f"expected {reduction}"))
     if weight.data_type == TensorProto.INT4:
         if user.op_type in ("Conv", "ConvTranspose"):
             out.append(Violation(dq.name, "int4-conv", f"INT4 weight feeds {user.name}"))
         elif block not in (64, 128):
             out.append(Violation(dq.name, "int4-blocked", f"block_size {block or 'none'}"))
+    if weight.data_type == TensorProto.FLOAT4E2M1:
+        scale_source = g.producer.get(dq.input[1])
+        two_level = (scale_source is not None and scale_source.op_type == "DequantizeLinear"
+                     and g.dtype(scale_source.input[0]) == TensorProto.FLOAT8E4M3FN)
+        if user.op_type not in ("MatMul", "Gemm") or block != NVFP4_BLOCK or not two_level:
+            out.append(Violation(dq.name, "fp4-blocked", f"feeds {user.op_type}, block_size {block or 'none'}, "
+                                 + ("E4M3 block scales" if two_level else "block scales not E4M3 x global")))
 
 
 def _check_fp32_compute(model: onnx.ModelProto, out: list[Violation]) -> None:
@@ -202,6 +255,8 @@ def lint_model(model: onnx.ModelProto, target: str = "tensorrt") -> list[Violati
             _check_quantize(g, node, out)
         elif node.op_type == "DequantizeLinear":
             _check_dequantize(g, node, out)
+        elif node.op_type == DYNAMIC_QUANTIZE:
+            _check_qdq_node(g, node, out)
     if target == "tensorrt":
         _check_fp32_compute(model, out)
     else:

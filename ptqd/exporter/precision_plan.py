@@ -46,8 +46,37 @@ def _fp8_storage(op: str, config, denoiser: str) -> dict:
     }
 
 
+def _w4a16_storage(op: str, config, denoiser: str) -> dict:
+    block = config.weight_layout.block
+    int4 = f"INT4, symmetric, blocks of {block} input columns with FP32 scales (FP16 in TensorRT's graph)"
+    return {
+        "tensorrt": {"graph": f"{denoiser}_w4a16.onnx", "weights": int4, "activations": "FP16 (weight-only)",
+                     "executes": "INT4 weight-only GEMM: 4-bit weights dequantized in the kernel, FP16 tensor cores"},
+        "onnxruntime": {"graph": f"{denoiser}_w4a16.ort.onnx", "weights": int4, "activations": "FP32",
+                        "executes": "blocked INT4 DequantizeLinear, float MatMul; the exact twin of the fake-quant model"},
+        "onnxruntime-fast": {"graph": f"{denoiser}_w4a16.cpu.onnx", "weights": "UINT4 (the grid + 8) packed, FP32 "
+                             "block scales", "activations": "FP32", "executes": "MatMulNBits (com.microsoft)"},
+    }
+
+
+def _nvfp4_storage(op: str, config, denoiser: str) -> dict:
+    w, a = config.weight_layout, config.act_layout
+    scales = f"E4M3 scale per {w.block} values under an FP32 global scale"
+    return {
+        "tensorrt": {"graph": f"{denoiser}_nvfp4.onnx", "weights": f"FLOAT4E2M1, {scales} (blocked DQ, opset 23)",
+                     "activations": f"FLOAT4E2M1 by trt::TRT_FP4DynamicQuantize: blocks of {a.block} along the last "
+                                    "axis, E4M3 block scales found at run time under the calibrated FP32 global scale",
+                     "executes": "NVFP4 GEMM (FP4 tensor cores: Blackwell, compute capability >= 10.0, TensorRT >= 10.8)"},
+        "onnxruntime": {"graph": f"{denoiser}_nvfp4.ort.onnx", "weights": f"E2M1 values held in FLOAT8E4M3FN, {scales}",
+                        "activations": "the same dynamic block quantization in standard ops (ReduceMax, E4M3 "
+                                       "QuantizeLinear of the block scale, E2M1 rounding by Where/Round)",
+                        "executes": "dequantized to float, float kernel; the exact twin of the fake-quant model (also "
+                                    "the CPU graph: onnxruntime has no FP4 kernels)"},
+    }
+
+
 # per runtime.formats format that quantizes: its precision-plan text
-STORAGE = {"int": _int_storage, "fp8": _fp8_storage}
+STORAGE = {"int": _int_storage, "fp8": _fp8_storage, "w4a16": _w4a16_storage, "nvfp4": _nvfp4_storage}
 
 
 def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.ModelProto, family, denoiser: str,
@@ -57,16 +86,26 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
     float_matmuls = sorted(n.name for n in fp_model.graph.node if n.op_type == "MatMul"
                            and n.name not in {node.name for node in nodes.values()})
     kept, floating = kept_storage(denoiser), float_storage(denoiser)
+    dims = {i.name: tuple(i.dims) for i in fp_model.graph.initializer}
     plan = {"format_version": 1, "family": family.name, "configs": {}}
     for cfg, quant in sorted(params.items()):
         layers = []
         for name, node in sorted(nodes.items()):
-            role = family.layer_role(name, "conv" if node.op_type in CONV_OPS else "linear")
+            kind = "conv" if node.op_type in CONV_OPS else "linear"
+            role = family.layer_role(name, kind)
+            own = quant.config.for_kind(kind)
             entry = {"layer": name, "node": node.name, "op": node.op_type, "role": role}
+            if own != quant.config:
+                entry["format"] = own.name     # its kind's format in this configuration
             if name in quant.layers:
-                entry.update(requested=cfg, **_storage(node.op_type, quant.config, denoiser))
+                entry.update(requested=cfg, **_storage(node.op_type, own, denoiser))
             elif not quant.config.quantized:
                 entry.update(requested=cfg, reason="the float engine: nothing quantized", **floating)
+            elif not own.quantized:
+                entry.update(requested=cfg, reason=quant.config.format.why_by_kind, **kept)
+            elif own.weight_layout.blocked and _reduction_width(node, dims) % own.weight_layout.block:
+                entry.update(requested="fp32", reason=f"its input width is no whole number of {own.name}'s "
+                             f"blocks of {own.weight_layout.block}", **kept)
             else:
                 entry.update(requested="fp32", reason=family.keep_reason, **kept)
             layers.append(entry)
@@ -75,6 +114,13 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
             "reason": "attention score matmuls (QK^T, PV) stay in float unless asked (PTQD.md §1)"},
             "tensorrt_float": tensorrt_float((fp32_exceptions or {}).get(cfg, {}))}
     return plan
+
+
+def _reduction_width(node, dims: dict) -> int:
+    """The reduction width of a MatMul/Gemm's weight (MatMul's [K, N]; Gemm's [N, K] with transB)."""
+    shape = dims.get(node.input[1], ())
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return shape[1] if node.op_type == "Gemm" and trans_b else shape[0]
 
 
 def kept_storage(denoiser: str) -> dict:

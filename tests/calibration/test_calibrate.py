@@ -76,7 +76,8 @@ def test_sample_refuses_what_the_output_does_not_hold(calibrated, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--bits", "3"], "not supported"), (["--act-bits", "16"], "not supported"),
+    (["--bits", "3"], "not supported"), (["--bits", "8", "--act-bits", "16"], "not supported"),
+    (["--format", "nvfp4", "--target-gpu", "h100"], "no FP4 tensor cores"),
     (["--mixed-precision", "fast"], "--mixed-precision"), (["--calib-samples", "2"], "too few"),
     (["--correction", "magic"], "--correction"), (["--target-gpu", "v100"], "--target-gpu"),
     (["--mixed-precision", "latency:0.5"], "latency ratio"), (["--weight-rounding", "round"], "--weight-rounding"),

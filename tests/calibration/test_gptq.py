@@ -11,7 +11,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from ptqd.calibration.gptq import (collect_hessians, gptq_integers, layer_columns, layer_groups, output_error)
-from ptqd.calibration.params import load_params
+from ptqd.calibration.configs import BitConfig
+from ptqd.calibration.params import LayerQuant, load_params
 from ptqd.quant_math import E4M3, IntGrid, quantize, weight_scales
 from ptqd.runtime.layout import GRAPH_FILES, graph_path
 
@@ -64,7 +65,8 @@ def test_hessians_streamed_in_small_groups_equal_one_pass():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 10))
     modules = {"0": model[0], "2": model[2], "4": model[4]}
-    scales = {name: torch.tensor(0.05) for name in modules}
+    w8a8 = BitConfig.parse("w8a8")
+    inputs = {name: (LayerQuant(torch.ones(1), torch.tensor(0.05)), w8a8) for name in modules}
     batches = [torch.randn(4, 3, 6, 6, generator=gen) for _ in range(3)]
     passes = []
 
@@ -73,9 +75,9 @@ def test_hessians_streamed_in_small_groups_equal_one_pass():
         for b in batches:
             model(b)
 
-    one = dict(collect_hessians(modules, scales, IntGrid(8), run, budget=1 << 30))
+    one = dict(collect_hessians(modules, inputs, run, budget=1 << 30))
     assert len(passes) == 1
-    small = dict(collect_hessians(modules, scales, IntGrid(8), run, budget=4 * 27 * 27))
+    small = dict(collect_hessians(modules, inputs, run, budget=4 * 27 * 27))
     assert len(passes) == 1 + 3
     assert layer_groups({"a": 10, "b": 10, "c": 20}, budget=4 * 250) == [["a", "b"], ["c"]]
     for name in modules:
@@ -103,3 +105,25 @@ def test_export_uses_gptq_integers_in_every_flavour(exported):
     assert {r["layer"] for r in rows} == set(params[doc["base_config"]].layers)
     assert [r["mse"] for r in rows] == sorted((r["mse"] for r in rows), reverse=True)
     assert 0 < rows[0]["mse"] <= sensitivity["all_layers_mse"]
+
+
+@pytest.mark.parametrize("fmt", ["w4a16", "nvfp4"])
+def test_gptq_on_block_grids_keeps_each_blocks_scale_and_lowers_the_output_error(fmt):
+    """w4a16 (INT4, blocks of 128) and nvfp4 (E2M1, blocks of 16 with E4M3 scales x global):
+    GPTQ picks values on the grid under each column's block scale, and beats nearest rounding."""
+    from ptqd.quant_math import E4M3, block_weight_scales, expand_blocks
+
+    config = BitConfig.parse(fmt)
+    grid, layout = config.weight_grid, config.weight_layout
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 256, generator=gen) @ torch.randn(256, 256, generator=gen)
+    weight = torch.randn(48, 256, generator=gen)
+    codes, global_scale = block_weight_scales(weight, grid, layout.block, E4M3 if layout.scale == "e4m3" else None)
+    lq = LayerQuant(codes, None, weight_global=global_scale)
+    scale = lq.weight_scale_matrix(weight)
+    assert scale.shape == weight.shape and torch.equal(scale, expand_blocks(lq.dequant_scale(), layout.block))
+    h = _hessian(layer_columns(nn.Linear(256, 48), x))
+    nearest = quantize(weight, scale, grid)
+    gptq = gptq_integers(weight, h, scale, grid)
+    assert torch.equal(gptq, grid.round_(gptq.clone())) and grid.qmin <= gptq.min() and gptq.max() <= grid.qmax
+    assert output_error(weight, gptq, scale, h) < 0.7 * output_error(weight, nearest, scale, h)

@@ -56,11 +56,11 @@ def test_fp8_on_a100_is_a_user_error_naming_the_gpu():
 
 @pytest.mark.parametrize("gpu", ["v100", "", "h100x"])
 def test_unknown_gpu_lists_the_known_ones(gpu):
-    with pytest.raises(UserError, match="h100, h200, a100, l40s, b200, rtx4090"):
+    with pytest.raises(UserError, match="h100, h200, a100, l40s, b200, rtx5090, rtx4090"):
         estimate_step_latency([CONV], NO_FLOAT_OPS, ["w8a8"], (), gpu=gpu)
 
 
-@pytest.mark.parametrize("config", ["fp32", "w4a16", "int8"])
+@pytest.mark.parametrize("config", ["fp32", "w8a16", "int8"])
 def test_configurations_without_a_runtime_format_are_refused(config):
     with pytest.raises(UserError, match=config):
         estimate_step_latency([CONV], NO_FLOAT_OPS, [config], ())
@@ -163,3 +163,39 @@ def test_builtin_model_w4a8_runs_at_w8a8_speed(builtin_unet):
     lat = estimate_step_latency(layers, ops, ["w8a8", "w4a8", "fp8"], DEFAULT_KEEP, batch=8, gpu="l40s")
     assert lat["w4a8"] == lat["w8a8"] < lat["fp16"]
     assert ["fp8", "w4a8", "w8a8"] in same_cost(lat)      # L40S: FP8 and INT8 both 733 T/s
+
+
+# a DiT-XL/2-sized MLP projection at 512x512 (1024 tokens of 1152 -> 4608), per sample
+MLP = LayerInfo("blocks.0.ff.net.0.proj", "linear", 1024 * 1152 * 4608, params=1152 * 4608,
+                in_elems=1024 * 1152, out_elems=1024 * 4608)
+
+
+def test_nvfp4_linear_runs_at_the_fp4_rate_on_b200_and_its_convolutions_at_fp8():
+    b200 = gpu_spec("b200")     # FP16 2,250, FP8 4,500, FP4 9,000 dense; 8 TB/s
+    # batch 8: 2 * 8 * 5,435,817,984 MACs / 9,000e12 = 9.663 us of compute; bytes = 5,308,416
+    # weights x 0.5625 + 8 x 1,179,648 inputs x 0.5625 + 8 x 4,718,592 outputs x 2 = 83,791,872
+    # -> 10.474 us: memory-bound even at FP4's rate
+    assert layer_seconds(MLP, "nvfp4", 8, b200) == pytest.approx(83_791_872 / 8e12, rel=1e-6)
+    lat = estimate_step_latency([MLP, CONV], NO_FLOAT_OPS, ["nvfp4", "fp8"], (), batch=8, gpu="b200")
+    conv_fp8 = layer_seconds(CONV, "fp8", 8, b200) * 1e3
+    assert lat["nvfp4"] == pytest.approx(layer_seconds(MLP, "nvfp4", 8, b200) * 1e3 + conv_fp8)
+    assert lat["nvfp4"] < lat["fp8"] < lat["fp16"]
+
+
+def test_w4a16_saves_weight_traffic_not_arithmetic():
+    h100 = gpu_spec("h100")
+    small = LayerInfo("time_proj", "linear", 1280 * 1280, params=1280 * 1280, in_elems=1280, out_elems=1280)
+    # batch 1, memory-bound: 1,638,400 weights x (0.5 + 2/128) + 2 x 1280 + 2 x 1280 bytes
+    assert layer_seconds(small, "int4-weight-only", 1, h100) == pytest.approx(
+        (1_638_400 * (0.5 + 2 / 128) + 4 * 1280) / 3.35e12, rel=1e-6)
+    # compute-bound: FP16's rate, exactly the FP16 layer's time
+    assert layer_seconds(MLP, "int4-weight-only", 64, h100) == layer_seconds(MLP, "fp16", 64, h100)
+    # its convolutions run FP16: a w4a16 step of convolutions alone costs the FP16 engine's
+    lat = estimate_step_latency([CONV], NO_FLOAT_OPS, ["w4a16"], (), gpu="h100")
+    assert lat["w4a16"] == lat["fp16"]
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "l40s", "rtx4090"])
+def test_nvfp4_before_blackwell_is_a_user_error_naming_the_gpu(gpu):
+    with pytest.raises(UserError, match="no FP4 tensor cores.*Blackwell"):
+        estimate_step_latency([MLP], NO_FLOAT_OPS, ["nvfp4"], (), gpu=gpu)

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from ptqd.calibration.layers import LayerInfo
+from ptqd.calibration.configs import BitConfig
 from ptqd.calibration.mixed_precision import (Policy, choose_by_budget, choose_by_snr, choose_schedule,
                                               config_bops, fp32_bops)
 from ptqd.errors import UserError
@@ -41,7 +42,7 @@ def test_snr_threshold_picks_the_cheapest_config_that_reaches_it():
 
 def test_bops_count_kept_layers_at_32_bits():
     layers = [LayerInfo("conv_in", "conv", 10), LayerInfo("mid.conv", "conv", 100)]
-    assert config_bops(layers, 4, 8, ("conv_in",)) == 10 * 32 * 32 + 100 * 4 * 8
+    assert config_bops(layers, BitConfig.parse("w4a8"), ("conv_in",)) == 10 * 32 * 32 + 100 * 4 * 8
     assert fp32_bops(layers) == 110 * 1024
 
 
