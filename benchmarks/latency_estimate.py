@@ -12,6 +12,12 @@ latent, 28 blocks of width 1152, 1,000 classes), both built in memory. All rando
 estimate depends on shapes only. A configuration a GPU has no tensor cores for (fp8 on the
 A100, nvfp4 before Blackwell) is left out on that GPU. --schedule prices a step mix: its steps'
 estimates summed, against as many all-FP16 steps.
+
+    .venv/bin/python benchmarks/latency_estimate.py --save-dit FOLDER [--dit-layers 2]
+
+writes DiT-XL/2's transformer at --dit-layers of its 28 blocks (every layer its published
+shape; random weights) as a DiTPipeline folder with a small VAE, for `ptqd calibrate --model
+FOLDER`: a model whose per-layer costs are DiT-XL/2's, small enough to calibrate on a CPU.
 """
 from __future__ import annotations
 
@@ -49,15 +55,31 @@ def _sdxl_unet():
                   "time_ids": torch.zeros(1, 6)}
 
 
-def _dit_xl2():
+def _dit_xl2(layers: int = 28):
     from diffusers import DiTTransformer2DModel
 
     # facebook/DiT-XL-2-256 transformer/config.json
     model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                  num_layers=28, patch_size=2, sample_size=32, num_embeds_ada_norm=1000,
+                                  num_layers=layers, patch_size=2, sample_size=32, num_embeds_ada_norm=1000,
                                   norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
                                   norm_elementwise_affine=False, upcast_attention=False)
     return model, {"class_labels": torch.zeros(1, dtype=torch.long)}
+
+
+def save_dit(folder: Path, layers: int) -> None:
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    from ptqd.builtin.tiny_pipelines import build_vae
+
+    if folder.exists():
+        raise SystemExit(f"{folder} exists")
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        transformer = _dit_xl2(layers)[0].eval()
+        scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+        DiTPipeline(transformer=transformer, vae=build_vae(), scheduler=scheduler).save_pretrained(folder)
+    print(f"wrote {folder}: DiT-XL/2 at {layers} blocks, {sum(p.numel() for p in transformer.parameters()):,} "
+          "parameters (random weights)")
 
 
 def load(name: str, tmp: Path):
@@ -124,7 +146,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("--schedule", default="", help="a step mix to price, e.g. nvfp4:40,fp8:10")
+    ap.add_argument("--save-dit", type=Path, default=None, help="write DiT-XL/2 at --dit-layers blocks here, and stop")
+    ap.add_argument("--dit-layers", type=int, default=2)
     args = ap.parse_args()
+    if args.save_dit is not None:
+        save_dit(args.save_dit, args.dit_layers)
+        return
     gpus, batches = args.gpus.split(","), [int(b) for b in args.batches.split(",")]
     schedule = {c: int(n) for c, n in (item.split(":") for item in args.schedule.split(",") if item)}
     with tempfile.TemporaryDirectory() as tmp:

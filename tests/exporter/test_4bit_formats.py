@@ -277,3 +277,37 @@ def test_sampling_the_4bit_schedule_on_onnx_runtime_matches_torch(dit_4bit, tmp_
     assert np.abs(images["torch"] - images["onnxruntime"]).mean() < 0.5 * gap
     # MatMulNBits computes w4a16's numbers in float: as close to the twin as float order allows
     assert np.abs(images["w4a16-torch"] - images["w4a16"]).mean() < 1e-3
+
+
+def test_lint_catches_4bit_graphs_tensorrt_would_not_run(dit_4bit):
+    """The rules the new layouts need, each broken once in a real graph: FP4 blocks of other
+    than 16, FP4 into a convolution's place, INT4 blocks across the wrong axis, a run-time
+    scale that is not a dynamic quantize's, FP4 below opset 23."""
+    def broken(name, edit):
+        model = _graph(dit_4bit, name)
+        edit(model)
+        return {v.rule for v in lint_model(model, "tensorrt")}
+
+    def weight_dq(model, dtype):
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        return next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == dtype)
+
+    def set_attr(node, name, value):
+        next(a for a in node.attribute if a.name == name).i = value
+
+    assert broken("transformer_nvfp4.onnx", lambda m: set_attr(weight_dq(m, TensorProto.FLOAT4E2M1), "block_size", 32)) \
+        >= {"fp4-blocked"}
+    dynamic = lambda m: next(n for n in m.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
+    assert "fp4-blocked" in broken("transformer_nvfp4.onnx", lambda m: set_attr(dynamic(m), "block_size", 32))
+    assert broken("transformer_w4a16.onnx", lambda m: set_attr(weight_dq(m, TensorProto.INT4), "axis", 1)) \
+        >= {"block-axis"}
+    assert broken("transformer_w4a16.onnx", lambda m: set_attr(weight_dq(m, TensorProto.INT4), "block_size", 32)) \
+        >= {"int4-blocked"}
+    default_opset = lambda m: next(o for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    assert "opset" in broken("transformer_nvfp4.onnx", lambda m: setattr(default_opset(m), "version", 21))
+
+    def computed_scale(model):   # the activation's block scale from a Mul instead of the dynamic quantize
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(
+            "input_quant/scale/DequantizeLinear"))
+        dq.op_type = "Mul"
+    assert "scale-constant" in broken("transformer_nvfp4.onnx", computed_scale)
