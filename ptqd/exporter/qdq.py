@@ -249,6 +249,9 @@ class QDQInserter:
         (the signed grid + 8, its default zero point) packed [N, blocks, block / 2] low nibble
         first, FP32 scales [N * blocks]; a Gemm's bias follows as an Add."""
         base = f"{layer}/weight_quant"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0)) != (1.0, 1.0, 0):
+            raise ValueError(f"{node.name}: a Gemm with alpha, beta or transA set is no plain Linear layer")
         w = numpy_helper.to_array(self.inits[node.input[1]])
         axis = weight_axis(node, w)
         torch_layout = torch.from_numpy(w.copy() if axis == 0 else w.T.copy())   # [N, K]

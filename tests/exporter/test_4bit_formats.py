@@ -143,7 +143,7 @@ def test_each_layer_alone_matches_its_fake_quant_twin(dit_4bit, digits_dit, cfg,
     ONNX Runtime graphs compute the twin's numbers: nvfp4's stand-in for TensorRT's FP4 ops
     (ONNX Runtime has none) and w4a16's blocked INT4 DQ, in TensorRT's storage (FP32, before
     the FP16 pass) and ONNX Runtime's, and the MatMulNBits kernel. Every Linear and the
-    convolutions nvfp4 quantizes in FP8 are checked.
+    convolutions nvfp4 quantizes in FP8 are checked (every other layer for w4a16).
 
     Tolerance: w4a16 quantizes no activation, so its graphs agree with the twin to float
     error everywhere. nvfp4 rounds the layer's input, whose float value differs between torch
@@ -169,7 +169,9 @@ def test_each_layer_alone_matches_its_fake_quant_twin(dit_4bit, digits_dit, cfg,
     with torch.no_grad():
         reference = family.forward(digits_dit, x, t, class_labels=labels).numpy()
     moved = 0.0
-    for layer in sorted(quant.layers):
+    # w4a16's three graphs share every line of the insertion but storage: every other layer
+    layers = sorted(quant.layers)[::2] if cfg == "w4a16" else sorted(quant.layers)
+    for layer in layers:
         single = ConfigQuant(quant.config, {layer: quant.layers[layer]})
         with torch.no_grad():
             expected = family.forward(fake_quant_unet(digits_dit, single), x, t, class_labels=labels).numpy()
@@ -299,8 +301,10 @@ def test_lint_catches_4bit_graphs_tensorrt_would_not_run(dit_4bit):
         >= {"fp4-blocked"}
     dynamic = lambda m: next(n for n in m.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
     assert "fp4-blocked" in broken("transformer_nvfp4.onnx", lambda m: set_attr(dynamic(m), "block_size", 32))
-    assert broken("transformer_w4a16.onnx", lambda m: set_attr(weight_dq(m, TensorProto.INT4), "axis", 1)) \
-        >= {"block-axis"}
+    def other_axis(model):
+        dq = weight_dq(model, TensorProto.INT4)
+        set_attr(dq, "axis", 1 - next(a.i for a in dq.attribute if a.name == "axis"))
+    assert broken("transformer_w4a16.onnx", other_axis) >= {"block-axis"}
     assert broken("transformer_w4a16.onnx", lambda m: set_attr(weight_dq(m, TensorProto.INT4), "block_size", 32)) \
         >= {"int4-blocked"}
     default_opset = lambda m: next(o for o in m.opset_import if o.domain in ("", "ai.onnx"))
