@@ -92,6 +92,16 @@ E2M1 = FP4Grid()
 # the smallest positive E4M3 value (a subnormal): a block scale that rounds below it would
 # divide by zero
 E4M3_TINY = 2.0 ** -9
+# FP16's smallest normal value. NVFP4's global scales are single numbers that TensorRT's FP16
+# graph holds in FP16 (the DQ of the block scales emits FP16): kept at or above this and made
+# FP16-exact (fp16_global), the FP16 pass changes no weight and no block scale. (A global scale
+# below it would be an FP16 subnormal, a few bits or none: every weight of the layer off alike.)
+FP16_MIN_NORMAL = 2.0 ** -14
+
+
+def fp16_global(scale: torch.Tensor) -> torch.Tensor:
+    """A global scale as an FP16-exact float32 in FP16's normal range (FP16_MIN_NORMAL)."""
+    return scale.to(torch.float32).clamp(min=FP16_MIN_NORMAL).half().float()
 Grid = IntGrid | FP8Grid | FP4Grid
 
 
@@ -190,7 +200,7 @@ def block_weight_scales(weight: torch.Tensor, grid: Grid, block: int,
     scales = weight_scales(weight.detach().reshape(out * cols // block, block), grid).reshape(out, cols // block)
     if scale_grid is None:
         return scales, None
-    global_scale = scale_for_range(scales.max(), scale_grid)
+    global_scale = fp16_global(scale_for_range(scales.max(), scale_grid))
     codes = quantize(scales, global_scale, scale_grid).clamp_(min=E4M3_TINY)
     return codes, global_scale
 
@@ -200,10 +210,11 @@ def fake_quantize_dynamic(x: torch.Tensor, global_scale: torch.Tensor, grid: Gri
     """An activation quantized as TensorRT's dynamic block quantize does (NVFP4): blocks of
     `block` along the last axis, each scaled by its own absolute maximum mapped onto the
     grid's top, that scale rounded onto `scale_grid` under the calibrated `global_scale`. A
-    block of zeros (scale 0) is divided by 1: its values are 0 either way."""
+    block whose scale rounds to 0 (all zeros, or tiny beside the calibrated range) comes out 0:
+    divided by 1 to stay finite, multiplied back by its scale."""
     shape = x.shape
     xb = x.to(torch.float32).reshape(-1, block)
     amax = xb.abs().amax(dim=1, keepdim=True)
     scale = dequantize(quantize(amax / grid.qmax, global_scale, scale_grid), global_scale)
-    scale = torch.where(scale == 0, 1.0, scale)
-    return grid.round_(xb / scale).mul_(scale).reshape(shape)
+    safe = torch.where(scale == 0, 1.0, scale)
+    return grid.round_(xb / safe).mul_(scale).reshape(shape)

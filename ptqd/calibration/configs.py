@@ -65,6 +65,14 @@ class BitConfig:
         """Every kernel its layers may run: what a target GPU must have."""
         return tuple(dict.fromkeys(self.kernel(kind) for kind in LAYER_KINDS))
 
+    def quantizes(self, kind: str, width: int) -> bool:
+        """Whether a layer of `kind` whose weight rows are `width` wide (input features; a
+        convolution's in_channels x kh x kw) is quantized in this configuration: its kind takes
+        a quantized format, and a blocked one fits whole blocks (else the layer stays float)."""
+        own = self.for_kind(kind)
+        layout = own.weight_layout
+        return own.quantized and (not layout.blocked or width % layout.block == 0)
+
     def for_kind(self, kind: str) -> "BitConfig":
         """The configuration a kind of layer ("conv", "linear") takes in this one: itself, or
         another format where this one says so (nvfp4's convolutions are fp8)."""

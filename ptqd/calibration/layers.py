@@ -27,6 +27,12 @@ class LayerInfo:
     in_elems: int = 0    # per sample, elements of the layer's input activation
     out_elems: int = 0   # per sample, elements of its output
 
+    @property
+    def width(self) -> int:
+        """Its weight rows' width (a Linear's input features, a convolution's in_channels x kh x
+        kw): the MACs per output element."""
+        return self.macs // self.out_elems if self.out_elems else 0
+
 
 @dataclass(frozen=True)
 class AttentionCore:

@@ -61,11 +61,14 @@ class Policy:
 
 def config_bops(layers: list[LayerInfo], config, keep: tuple[str, ...]) -> int:
     """MACs x weight bits x activation bits over the layers, each at its kind's bits in the
-    configuration (a BitConfig: nvfp4's convolutions are fp8); kept layers FP32."""
+    configuration (a BitConfig: nvfp4's convolutions are fp8); layers that stay float FP32."""
     total = 0
     for layer in layers:
         own = config.for_kind(layer.kind)
-        bw, ba = (FLOAT_BITS, FLOAT_BITS) if is_kept(layer.name, keep) else (own.weight_bits, own.act_bits)
+        # kept, or (blocked formats) no whole number of blocks wide: the layer stays float
+        floating = is_kept(layer.name, keep) or (own.quantized and layer.out_elems
+                                                 and not config.quantizes(layer.kind, layer.width))
+        bw, ba = (FLOAT_BITS, FLOAT_BITS) if floating else (own.weight_bits, own.act_bits)
         total += layer.macs * bw * ba
     return total
 

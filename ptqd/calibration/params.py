@@ -15,7 +15,8 @@ from ptqd.calibration.configs import BitConfig, is_kept
 from ptqd.calibration.data import CalibrationData
 from ptqd.calibration.layers import layer_kind, quantizable_layers
 from ptqd.quant_math import (E4M3, Grid, IntGrid, activation_scale, block_weight_scales, dequantize, expand_blocks,
-                             fake_quantize, fake_quantize_dynamic, quantize, scale_for_range, weight_scales)
+                             fake_quantize, fake_quantize_dynamic, fp16_global, quantize, scale_for_range,
+                             weight_scales)
 
 PARAMS_TENSORS = "quant_params.safetensors"
 PARAMS_JSON = "quant_params.json"
@@ -113,7 +114,7 @@ def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple
     result = ConfigQuant(config)
     for name, module in quantizable_layers(unet).items():
         layer_config = config.for_kind(layer_kind(module))
-        if not layer_config.quantized or is_kept(name, keep) or not fits_blocks(module, layer_config):
+        if is_kept(name, keep) or not fits_blocks(module, layer_config):
             result.kept.append(name)
             continue
         wlayout, alayout = layer_config.weight_layout, layer_config.act_layout
@@ -126,7 +127,7 @@ def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple
             weight_scale = weight_scales(module.weight, wgrid)
         if alayout is not None and alayout.granularity == "dynamic-block":
             # the global scale maps the calibrated maximum onto the top of the block-scale grid
-            act_scale = scale_for_range(torch.tensor(data.act_absmax[name] / agrid.qmax), E4M3).reshape(())
+            act_scale = fp16_global(scale_for_range(torch.tensor(data.act_absmax[name] / agrid.qmax), E4M3)).reshape(())
         elif alayout is not None:
             act_scale = search(name, data.act_values[name], data.act_absmax[name], agrid)
             output_scale = search(f"{name}:out", data.out_values[name], data.out_absmax[name], IntGrid(8))
@@ -136,8 +137,7 @@ def calibrate_config(unet, config: BitConfig, data: CalibrationData, keep: tuple
 
 def fits_blocks(module, config: BitConfig) -> bool:
     """Whether a layer's input width is a whole number of the configuration's weight blocks."""
-    layout = config.weight_layout
-    return layout is None or not layout.blocked or module.weight[0].numel() % layout.block == 0
+    return config.quantizes(layer_kind(module), module.weight[0].numel())
 
 
 def granularity(config: BitConfig) -> tuple[str, str]:

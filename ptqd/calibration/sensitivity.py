@@ -16,7 +16,7 @@ import torch
 
 from ptqd.calibration.data import CalibrationData, Probe, probe_predictions
 from ptqd.calibration.fakequant import FakeQuantLayer
-from ptqd.calibration.layers import LayerInfo
+from ptqd.calibration.layers import LayerInfo, layer_kind
 from ptqd.calibration.params import ConfigQuant
 
 SENSITIVITY_JSON = "sensitivity.json"
@@ -51,12 +51,13 @@ def layer_sensitivity(unet, quant: ConfigQuant, data: CalibrationData, probes: l
     rows = []
     for name, lq in quant.layers.items():
         original = unet.get_submodule(name)
-        _swap(unet, name, FakeQuantLayer(original, lq, quant.config))
+        # the layer on its own kind's grids (nvfp4's convolutions are fp8)
+        _swap(unet, name, FakeQuantLayer(original, lq, quant.config.for_kind(layer_kind(original))))
         try:
             mse = probe_mse(unet, data, probes, conditioner)
         finally:
             _swap(unet, name, original)
-        rows.append({"layer": name, "kind": "conv" if isinstance(original, torch.nn.Conv2d) else "linear",
+        rows.append({"layer": name, "kind": layer_kind(original),
                      "mse": mse, "macs_share": macs.get(name, 0) / total_macs if total_macs else 0.0})
     rows.sort(key=lambda r: -r["mse"])
     return {"config": quant.config.name, "probes": sum(p.count for p in probes),

@@ -167,8 +167,8 @@ class QDQInserter:
         """The same numbers in standard ops for ONNX Runtime (no FP4 kernels, no TensorRT op),
         op for op what quant_math.fake_quantize_dynamic and FP4Grid.round_ compute: blocks of
         the last axis, their maximum / 6 quantized to E4M3 under the global scale, the input
-        divided by that scale and rounded onto E2M1 by its spacing (0.5 below 2, 1 below 4,
-        else 2; half to even), multiplied back."""
+        divided by that scale (1 where it is 0) and rounded onto E2M1 by its spacing (0.5 below
+        2, 1 below 4, else 2; half to even), multiplied back by it."""
         base = f"{layer}/input_quant"
         n = lambda op, inputs, out, **kw: helper.make_node(op, inputs, [f"{base}/{out}"], name=f"{base}/{out}/{op}", **kw)
         c = lambda name, value, dtype=np.float32: self._array(f"{base}/const/{name}", np.array(value, dtype=dtype))
@@ -197,7 +197,8 @@ class QDQInserter:
             n("Mul", [f"{base}/rounded_steps", f"{base}/step"], "rounded"),
             n("Sign", [f"{base}/scaled"], "sign"),
             n("Mul", [f"{base}/sign", f"{base}/rounded"], "grid_values"),
-            n("Mul", [f"{base}/grid_values", f"{base}/block_scale"], "dequantized"),
+            # by the scale before its zero was made 1: a block whose scale rounds to 0 comes out 0
+            n("Mul", [f"{base}/grid_values", f"{base}/block_scale_raw"], "dequantized"),
             n("Reshape", [f"{base}/dequantized", f"{base}/shape"], "dq")]
         node.input[0] = f"{base}/dq"
         self.new_nodes.setdefault(node.name, []).extend(nodes)

@@ -199,3 +199,14 @@ def test_w4a16_saves_weight_traffic_not_arithmetic():
 def test_nvfp4_before_blackwell_is_a_user_error_naming_the_gpu(gpu):
     with pytest.raises(UserError, match="no FP4 tensor cores.*Blackwell"):
         estimate_step_latency([MLP], NO_FLOAT_OPS, ["nvfp4"], (), gpu=gpu)
+
+
+def test_a_linear_no_whole_block_wide_stays_fp16_in_the_estimate():
+    """w4a16's blocks are 128 inputs: a 64-wide Linear is not quantized, and costs FP16."""
+    narrow = LayerInfo("attn.to_q", "linear", 1024 * 64 * 64, params=64 * 64, in_elems=1024 * 64, out_elems=1024 * 64)
+    wide = LayerInfo("ff", "linear", 1024 * 128 * 64, params=128 * 64, in_elems=1024 * 128, out_elems=1024 * 64)
+    h100 = gpu_spec("h100")
+    lat = estimate_step_latency([narrow], NO_FLOAT_OPS, ["w4a16"], (), gpu="h100")
+    assert lat["w4a16"] == lat["fp16"]
+    lat = estimate_step_latency([wide], NO_FLOAT_OPS, ["w4a16"], (), gpu="h100")
+    assert lat["w4a16"] == pytest.approx(layer_seconds(wide, "int4-weight-only", 1, h100) * 1e3)

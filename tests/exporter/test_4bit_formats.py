@@ -221,6 +221,9 @@ def test_weight_global_scales_are_saved_and_the_blocks_are_e4m3(dit_4bit):
         assert codes.ndim == 2 and (codes > 0).all()
         # the stored block scales are E4M3 values: converting them to E4M3 changes nothing
         assert np.array_equal(codes.astype(ml_dtypes.float8_e4m3fn).astype(np.float32), codes)
+        # one FP16-exact number in FP16's normal range: the FP16 graph holds it unchanged
+        for g in (lq.weight_global, lq.act_scale):
+            assert float(g) == float(g.half()) and float(g) >= 2.0 ** -14
     raw = onnx.load(str(dit_4bit / "onnx" / "transformer_nvfp4.onnx"))
     fp4 = [numpy_helper.to_array(i) for i in raw.graph.initializer if i.data_type == TensorProto.FLOAT4E2M1]
     assert fp4 and all(np.isin(np.abs(a.astype(np.float32)), [0, 0.5, 1, 1.5, 2, 3, 4, 6]).all() for a in fp4)
