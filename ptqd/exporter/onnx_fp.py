@@ -106,6 +106,14 @@ def denoiser_name(model) -> str:
     return max(set(scopes), key=scopes.count)
 
 
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def node_kind(node) -> str:
+    """The layer kind (runtime.formats.LAYER_KINDS) of a layer's ONNX node."""
+    return "conv" if node.op_type in CONV_OPS else "linear"
+
+
 def layer_nodes(model) -> dict[str, object]:
     """Map each Conv/Linear module name (as in the denoiser's named_modules()) to its ONNX node.
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import onnx
 
 from ptqd.calibration.params import ConfigQuant
-
-CONV_OPS = ("Conv", "ConvTranspose")
+from ptqd.exporter.onnx_fp import CONV_OPS, node_kind
 
 
 def _storage(op: str, config, denoiser: str) -> dict:
@@ -91,7 +90,7 @@ def precision_plan(nodes: dict, params: dict[str, ConfigQuant], fp_model: onnx.M
     for cfg, quant in sorted(params.items()):
         layers = []
         for name, node in sorted(nodes.items()):
-            kind = "conv" if node.op_type in CONV_OPS else "linear"
+            kind = node_kind(node)
             role = family.layer_role(name, kind)
             own = quant.config.for_kind(kind)
             entry = {"layer": name, "node": node.name, "op": node.op_type, "role": role}

@@ -32,13 +32,12 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqd.calibration.configs import BitConfig
 from ptqd.calibration.params import ConfigQuant, LayerQuant
 from ptqd.exporter.graph_io import restore_weights, weightless
-from ptqd.exporter.onnx_fp import denoiser_name, layer_nodes
+from ptqd.exporter.onnx_fp import denoiser_name, layer_nodes, node_kind
 from ptqd.runtime.formats import TYPE_OPSET
 
 INT4, INT8, FP8, FP4 = TensorProto.INT4, TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1
 # TensorRT's own ops (the parser's "trt" domain) and onnxruntime's contrib ops
 TRT_DOMAIN, ORT_DOMAIN = "trt", "com.microsoft"
-CONV_OPS = ("Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -347,7 +346,7 @@ def insert_qdq(fp_model: onnx.ModelProto, quant: ConfigQuant, storage: Storage) 
     # the float engine (fp16) has no quantized layer: its copy is the FP graph, renamed
     for layer, lq in sorted(quant.layers.items()):
         node = nodes[layer]
-        config = quant.config.for_kind("conv" if node.op_type in CONV_OPS else "linear")
+        config = quant.config.for_kind(node_kind(node))
         weight_type, act_type = storage_types(config, storage)
         if act_type is None and storage.nbits:
             inserter.matmul_nbits(node, layer, lq, config)
