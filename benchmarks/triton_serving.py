@@ -1,7 +1,7 @@
-"""The Triton repository on the CPU Triton server: start time, request latency, and 32
-concurrent requests, for each way the sampler can run the UNets.
+"""The Triton repository on the CPU Triton server: start time and one request's latency over
+HTTP and gRPC, for each way the sampler can run the UNets (load: benchmarks/triton_load.py).
 
-    .venv/bin/python benchmarks/triton_serving.py OUT [--num 16] [--repeats 5] [--concurrent 32]
+    .venv/bin/python benchmarks/triton_serving.py OUT [--num 16] [--repeats 5]
 
 OUT is an export-trt output (e.g. ptqd-out from `make demo`). The repository is redeployed
 into a scratch copy per mode (in-process; onnxruntime UNet models called through BLS), served
@@ -14,7 +14,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +53,6 @@ def bench_mode(out: Path, mode: str, instances: int, args, reference) -> dict:
                     assert np.array_equal(images, reference(args.num, r)), f"{mode}/{protocol}: wrong images"
                     times.append(seconds)
                 row[f"{protocol}_s"] = statistics.median(times)
-
-            def ask(i):
-                return request_images(server.http_url, 2, 1000 + i)
-
-            with ThreadPoolExecutor(max_workers=args.concurrent) as pool:
-                answers, seconds = timed(lambda: list(pool.map(ask, range(args.concurrent))))
-            wrong = sum(not np.array_equal(a, reference(2, 1000 + i)) for i, a in enumerate(answers))
-            row.update(concurrent_s=seconds, answered=len(answers), wrong=wrong)
-            if mode != "in-process":  # did concurrent samplers' UNet calls meet in the dynamic batcher?
-                import tritonclient.http as http
-
-                stats = http.InferenceServerClient(server.http_url).get_inference_statistics()["model_stats"]
-                for model in (m for m in stats if m["name"].startswith("unet_")):
-                    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in model["batch_stats"]}
-                    print(f"  {model['name']}: {model['inference_count']} UNet inferences in "
-                          f"{model['execution_count']} executions, by batch size {dict(sorted(sizes.items()))}")
     return row
 
 
@@ -78,7 +61,6 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--concurrent", type=int, default=32)
     args = parser.parse_args()
     from ptqd.deploy.repository import engine_profile
 
@@ -86,12 +68,11 @@ def main() -> None:
     reference, steps = local_sampler(args.out, batch)
     _, local_s = timed(lambda: reference(args.num, 0))
     print(f"{args.out}: {steps} steps, batch {batch}; local sampler, {args.num} images: {local_s:.3f} s")
-    print(f"{'UNets':<12}{'inst':>5}{'start s':>9}{'http s':>9}{'grpc s':>9}"
-          f"{f'{args.concurrent}x2 img s':>14}{'answered':>10}{'wrong':>7}")
+    print(f"{'UNets':<12}{'inst':>5}{'start s':>9}{'http s':>9}{'grpc s':>9}")
     for mode, instances in (("in-process", 1), ("in-process", 2), ("onnxruntime", 2), ("onnxruntime", 4)):
         row = bench_mode(args.out, mode, instances, args, reference)
         print(f"{row['mode']:<12}{row['instances']:>5}{row['start_s']:>9.2f}{row['http_s']:>9.3f}"
-              f"{row['grpc_s']:>9.3f}{row['concurrent_s']:>14.2f}{row['answered']:>10}{row['wrong']:>7}")
+              f"{row['grpc_s']:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #   docker/gpu_pipeline.sh build              build ptqd-build:<release> (context: repository root)
 #   docker/gpu_pipeline.sh export [ARGS...]   run export-trt into $OUTDIR/ptqd-out (ARGS replace the default ones)
 #   docker/gpu_pipeline.sh serve-image        build ptqd-serve:<release> from $OUTDIR/ptqd-out/triton
+#   docker/gpu_pipeline.sh triton-image       build ptqd-triton:<release>, the server without models (Kubernetes)
 #   docker/gpu_pipeline.sh serve              run Triton on ports 8000 (HTTP), 8001 (gRPC), 8002 (metrics)
 #   docker/gpu_pipeline.sh all [ARGS...]      build, export, serve-image, serve
 #
@@ -62,25 +63,30 @@ cmd_serve_image() {
         --build-arg "NGC_RELEASE=$REL" -t "ptqd-serve:$REL" "$repo"
 }
 
+cmd_triton_image() {
+    docker build -f "$REPO_ROOT/docker/Dockerfile.serve" --target runtime \
+        --build-arg "NGC_RELEASE=$REL" -t "ptqd-triton:$REL" "$REPO_ROOT/docker"
+}
+
 cmd_serve() {
     docker run --rm --gpus all \
         -p 8000:8000 -p 8001:8001 -p 8002:8002 \
         "ptqd-serve:$REL"
 }
 
-usage_line="usage: $0 {release|build|export [EXPORT-TRT ARGS...]|serve-image|serve|all [EXPORT-TRT ARGS...]}"
+usage_line="usage: $0 {release|build|export [EXPORT-TRT ARGS...]|serve-image|triton-image|serve|all [EXPORT-TRT ARGS...]}"
 
 [[ $# -ge 1 ]] || die "$usage_line"
 sub="$1"
 shift
 
 case "$sub" in
-    release | build | export | serve-image | serve | all) ;;
+    release | build | export | serve-image | triton-image | serve | all) ;;
     -h | --help)
         echo "$usage_line"
         exit 0
         ;;
-    *) die "unknown subcommand '$sub' (expected release, build, export, serve-image, serve or all)" ;;
+    *) die "unknown subcommand '$sub' (expected release, build, export, serve-image, triton-image, serve or all)" ;;
 esac
 
 REL="$(read_release)"
@@ -90,6 +96,7 @@ case "$sub" in
     build) cmd_build ;;
     export) cmd_export "$@" ;;
     serve-image) cmd_serve_image ;;
+    triton-image) cmd_triton_image ;;
     serve) cmd_serve ;;
     all)
         cmd_build

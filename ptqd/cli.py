@@ -252,12 +252,37 @@ def build(out, backend, batch, force):
                    "inside the sampler), or auto (tensorrt when OUT has plans, else in-process).")
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
               help="Sampler model instances (concurrent requests served at once).")
+@click.option("--kubernetes", is_flag=True,
+              help="Also write OUT/kubernetes: a Kustomize base (Deployment, Service, PodDisruptionBudget, "
+                   "HorizontalPodAutoscaler, prometheus-adapter rule; KServe optional) serving OUT/triton.")
+@click.option("--model-store", default="pvc", show_default=True,
+              help="With --kubernetes: where the pods find the repository: pvc (a claim the base creates), "
+                   "pvc:CLAIM (an existing one), s3://BUCKET/PATH or gs://BUCKET/PATH.")
+@click.option("--storage-secret", default=None,
+              help="With --kubernetes and s3:// or gs://: the secret holding the credentials [default: ptqd-storage].")
+@click.option("--gpu-product", default=None,
+              help="With --kubernetes: the nodes' nvidia.com/gpu.product label [default: from the GPU that "
+                   "built the plans].")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --kubernetes: replicas the autoscaler keeps at least.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True,
+              help="With --kubernetes: replicas the autoscaler adds at most.")
 @_force_option
-def deploy(out, unets, instances, force):
-    """Write OUT/triton, a model repository for `tritonserver --model-repository OUT/triton`."""
+def deploy(out, unets, instances, kubernetes, model_store, storage_secret, gpu_product, min_replicas,
+           max_replicas, force):
+    """Write OUT/triton, a model repository for `tritonserver --model-repository OUT/triton`
+    (and with --kubernetes, OUT/kubernetes to serve it on a cluster)."""
     from ptqd.pipeline import run_deploy_stage
 
-    run_deploy_stage(out, unets, instances, force)
+    options = {"model_store": model_store, "storage_secret": storage_secret, "gpu_product": gpu_product,
+               "min_replicas": min_replicas, "max_replicas": max_replicas}
+    if not kubernetes:
+        ctx = click.get_current_context()
+        given = [f"--{k.replace('_', '-')}" for k in options
+                 if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --kubernetes")
+    run_deploy_stage(out, unets, instances, force, options if kubernetes else None)
 
 
 def _triton_env_option(f):
@@ -271,7 +296,9 @@ def _triton_env_option(f):
 @_triton_env_option
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-def serve(repository, triton_env, http_port, grpc_port):
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Prometheus metrics (Triton's queue and compute times) on http://127.0.0.1:PORT/metrics.")
+def serve(repository, triton_env, http_port, grpc_port, metrics_port):
     """Serve a repository (OUT/triton, or OUT) on 127.0.0.1 with the CPU Triton server until Ctrl-C."""
     import time
 
@@ -279,9 +306,10 @@ def serve(repository, triton_env, http_port, grpc_port):
 
     if (repository / "triton").is_dir():
         repository = repository / "triton"
-    server = LocalTritonServer(repository, triton_env, http_port, grpc_port)
+    server = LocalTritonServer(repository, triton_env, http_port, grpc_port, metrics_port=metrics_port)
     with server:
-        click.echo(f"serving {repository} on http {server.http_url}, grpc {server.grpc_url} "
+        click.echo(f"serving {repository} on http {server.http_url}, grpc {server.grpc_url}, "
+                   f"metrics {server.metrics_url} "
                    f"(ready in {server.start_seconds:.1f} s); Ctrl-C stops it")
         while server.process.poll() is None:
             time.sleep(0.5)

@@ -18,7 +18,8 @@ from ptqd.calibration.request import CalibrationRequest
 from ptqd.errors import UserError
 from ptqd.model import LoadedModel, load_model
 from ptqd.output import MANIFEST, check_output_dir, read_manifest, staged_directory, write_manifest
-from ptqd.runtime.layout import CALIBRATION_DIR, ENGINES_DIR, ONNX_DIR, REPORT_DIR, SCHEDULER_DIR, TRITON_DIR
+from ptqd.runtime.layout import (CALIBRATION_DIR, ENGINES_DIR, KUBERNETES_DIR, ONNX_DIR, REPORT_DIR, SCHEDULER_DIR,
+                                 TRITON_DIR)
 
 
 
@@ -284,20 +285,34 @@ def run_build_stage(out: Path, backend: str, batch: str, force: bool) -> None:
     click.echo(f"wrote {out / ENGINES_DIR}")
 
 
-def run_deploy_stage(out: Path, unets: str, instances: int, force: bool) -> None:
-    """`ptqd deploy OUT`: OUT/triton from OUT/scheduler, OUT/engines and OUT/onnx."""
+def run_deploy_stage(out: Path, unets: str, instances: int, force: bool, kubernetes: dict | None = None) -> None:
+    """`ptqd deploy OUT`: OUT/triton from OUT/scheduler, OUT/engines and OUT/onnx; with
+    `kubernetes` (deploy.kubernetes.plan_manifests' options) OUT/kubernetes beside it, both
+    written or neither."""
     from ptqd.deploy.repository import UNET_MODES
 
     if unets not in UNET_MODES:
         raise UserError(f"--unets {unets!r}: expected one of {', '.join(UNET_MODES)}")
     if not out.is_dir():
         raise UserError(f"{out} is not an output directory (made by export-trt)")
-    if (out / TRITON_DIR).exists() and not force:
-        raise UserError(f"{out / TRITON_DIR} exists; pass --force to write it again")
+    for name in [TRITON_DIR] + ([KUBERNETES_DIR] if kubernetes is not None else []):
+        if (out / name).exists() and not force:
+            raise UserError(f"{out / name} exists; pass --force to write it again")
     with staged_directory(out / TRITON_DIR) as staging:
         stage_deploy(out, unets, instances, dest=staging)
-    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances})
-    click.echo(f"wrote {out / TRITON_DIR}")
+        if kubernetes is not None:
+            from ptqd.deploy.kubernetes import plan_manifests, write_kubernetes
+
+            plan = plan_manifests(out, staging, **kubernetes)
+            with staged_directory(out / KUBERNETES_DIR) as manifests:
+                write_kubernetes(plan, manifests)
+    if kubernetes is None and (out / KUBERNETES_DIR).exists():
+        # its image, GPU and sizes were the previous repository's
+        shutil.rmtree(out / KUBERNETES_DIR)
+        click.echo(f"removed {out / KUBERNETES_DIR}, written for the previous repository "
+                   "(--kubernetes writes it again)")
+    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances, "kubernetes": kubernetes})
+    click.echo(f"wrote {out / TRITON_DIR}" + (f" and {out / KUBERNETES_DIR}" if kubernetes is not None else ""))
 
 
 def run_report_stage(out: Path, samples: int, seed: int, force: bool) -> None:

@@ -117,3 +117,9 @@ def sampler(name: str, image_shape: list[int], instances: int, parameters: dict[
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=instances)
     _parameters(config, parameters)
     return config
+
+
+def type_name(data_type: int) -> str:
+    """The DataType enum value's name ("TYPE_FP32")."""
+    pb, _ = _schema()
+    return pb.DataType.Name(data_type)

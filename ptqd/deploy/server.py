@@ -27,6 +27,26 @@ from pathlib import Path
 from ptqd.errors import UserError
 
 ENV_VAR = "PTQD_TRITON_ENV"
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002   # Triton's defaults
+
+
+def server_arguments(repository: str, http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT,
+                     metrics_port: int = METRICS_PORT) -> list[str]:
+    """tritonserver's arguments for a ptqd repository, wherever it runs: `ptqd serve` here and
+    the Kubernetes Deployment (deploy/kubernetes.py) both start the server with these.
+    Every model is loaded at start (model control "none": the sampler calls the others), a
+    model that fails to load stops the server instead of serving without it, and the server
+    is ready only once every model is: what the probes and the readiness wait rely on."""
+    return [f"--model-repository={repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+            "--allow-metrics=true", f"--metrics-port={metrics_port}", "--model-control-mode=none",
+            "--exit-on-error=true", "--strict-readiness=true"]
+
+
+def local_arguments(backend_dir: Path) -> list[str]:
+    """What only this machine's server adds: the Python backend assembled from the wheel
+    (_backend_dir), and every port on loopback (the container listens on all addresses)."""
+    return [f"--backend-directory={backend_dir}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+            "--metrics-address=127.0.0.1"]
 
 
 def default_env() -> Path:
@@ -63,12 +83,18 @@ class LocalTritonServer:
     """tritonserver on 127.0.0.1 serving `repository`; a context manager that always stops it."""
 
     def __init__(self, repository: Path, env: Path | None = None, http_port: int | None = None,
-                 grpc_port: int | None = None, log_path: Path | None = None):
+                 grpc_port: int | None = None, log_path: Path | None = None, metrics_port: int | None = None,
+                 arguments: list[str] | None = None):
         self.repository = Path(repository).absolute()
         self.env = Path(env or default_env()).absolute()
         self.site = _site_packages(self.env)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        # the server's own arguments (server_arguments); another list (a Kubernetes container's
+        # args, its ports and repository mapped to this machine) replaces them whole
+        self.arguments = arguments or server_arguments(str(self.repository), self.http_port, self.grpc_port,
+                                                       self.metrics_port)
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -81,6 +107,10 @@ class LocalTritonServer:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def _backend_dir(self, scratch: Path) -> Path:
         dist = self.site / "pytriton" / "tritonserver"
@@ -105,18 +135,16 @@ class LocalTritonServer:
 
     def command(self, backend_dir: Path) -> list[str]:
         binary = self.site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
-        return [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
-                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=false", "--exit-on-error=true", "--strict-readiness=true"]
+        return [str(binary), *self.arguments, *local_arguments(backend_dir)]
 
     def start(self, timeout: float = 180.0) -> "LocalTritonServer":
         if not self.repository.is_dir():
             raise UserError(f"{self.repository} is not a Triton model repository")
         # checked first: readiness is polled over HTTP, and another server on the port would answer
-        for port in (self.http_port, self.grpc_port):
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
             if port_in_use(port):
-                raise UserError(f"port {port} on 127.0.0.1 is in use; choose another (--http-port/--grpc-port)")
+                raise UserError(f"port {port} on 127.0.0.1 is in use; choose another "
+                                "(--http-port/--grpc-port/--metrics-port)")
         self._scratch = tempfile.TemporaryDirectory(prefix="ptqd-triton-")
         scratch = Path(self._scratch.name)
         log = open(self.log_path or scratch / "tritonserver.log", "wb")
@@ -146,9 +174,17 @@ class LocalTritonServer:
         return (errors or lines or ["(no log)"])[-1].strip()[:300]
 
     def ready(self) -> bool:
+        """Every model ready, and the metrics endpoint up where metrics are on (Triton starts
+        it after the HTTP endpoint answers)."""
+        urls = [f"http://{self.http_url}/v2/health/ready"]
+        if f"--metrics-port={self.metrics_port}" in self.arguments and "--allow-metrics=false" not in self.arguments:
+            urls.append(self.metrics_url)
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
+            for url in urls:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status != 200:
+                        return False
+            return True
         except (urllib.error.URLError, OSError):
             return False
 

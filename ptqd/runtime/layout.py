@@ -17,6 +17,7 @@ SCHEDULER_DIR = "scheduler"
 ENGINES_DIR = "engines"
 TRITON_DIR = "triton"
 REPORT_DIR = "report"
+KUBERNETES_DIR = "kubernetes"
 
 # OUT/scheduler: the folded PTQD schedule, and how a conditional / latent model is run
 SCHEDULE_FILE = "ptqd_schedule.json"

@@ -50,16 +50,22 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def _base_image(path: Path, ngc_release: str) -> str:
-    """The single FROM's image once the build argument NGC_RELEASE is given, as the script does.
+    """The base image once the build argument NGC_RELEASE is given, as the script does: the
+    first FROM's; any later FROM builds on an earlier stage, never on another image.
 
     The release must come in only through `ARG NGC_RELEASE`, declared without a default before FROM.
     """
     instructions = _instructions(path)
     froms = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
-    assert len(froms) == 1, f"{path.name}: expected one FROM, found {len(froms)}"
+    assert froms, f"{path.name}: no FROM"
     before = instructions[:froms[0]]
     assert ("ARG", "NGC_RELEASE") in before, f"{path.name}: no `ARG NGC_RELEASE` (without a default) before FROM"
-    image = instructions[froms[0]][1].split()[0]
+    image, *stage = instructions[froms[0]][1].split()
+    stages = {stage[1]} if stage[:1] in (["AS"], ["as"]) else set()
+    for later in froms[1:]:
+        base, *named = instructions[later][1].split()
+        assert base in stages, f"{path.name}: FROM {base} is neither the release image nor an earlier stage"
+        stages |= {named[1]} if named[:1] in (["AS"], ["as"]) else set()
     assert "${NGC_RELEASE}" in image, f"{path.name}: FROM {image} does not use ${{NGC_RELEASE}}"
     return image.replace("${NGC_RELEASE}", ngc_release)
 

@@ -9,6 +9,7 @@ from ptqd.deploy.server import LocalTritonServer
 from ptqd.errors import UserError
 from ptqd.sample import SampleRequest, output_sampler
 from tests.conftest import run_cli
+from tests.deploy.bad_requests import check_graph_model, check_sampler
 
 PROMPTS = ("a red cube on a table", "a blue sphere", "a yellow cone")
 
@@ -36,6 +37,9 @@ def test_text_pipeline_served_in_process_equals_local_sampler(tiny_text_export, 
         np.testing.assert_array_equal(request_images(server.http_url, 2, seed=7), _local(out, 2, 7, ()))
         other = request_images(server.http_url, 2, seed=7, prompts=("a green tree",))
         assert np.abs(other - served[:2]).mean() > 1e-3
+        # malformed requests are the client's errors; the server carries on
+        check_sampler(server, "text")
+        np.testing.assert_array_equal(request_images(server.http_url, 5, seed=7, prompts=PROMPTS), served)
 
 
 def test_text_pipeline_as_separate_models_over_bls_equals_local_sampler(tiny_text_export, tmp_path):
@@ -50,6 +54,10 @@ def test_text_pipeline_as_separate_models_over_bls_equals_local_sampler(tiny_tex
     models = sorted(p.name for p in (out / "triton").iterdir())
     assert {"ptqd_sampler", "vae_decoder", "text_encoder", "unet_w4a8"} <= set(models)
     with _serve(out / "triton", tmp_path / "triton.log") as server:
+        # every graph model refuses malformed requests on its own, and a bad one batched with
+        # good ones fails alone
+        for name in ("text_encoder", "unet_w4a8", "vae_decoder"):
+            check_graph_model(server, out / "triton" / name)
         served = request_images(server.http_url, 5, seed=7, prompts=PROMPTS)
     np.testing.assert_array_equal(served, _local(out, 5, 7, PROMPTS))
 
@@ -61,5 +69,6 @@ def test_class_pipeline_served_with_class_labels(tiny_class_export, tmp_path):
         np.testing.assert_array_equal(served, _local(out, 3, 2, (4, 7)))
         with pytest.raises(UserError, match="0..9"):
             request_images(server.http_url, 1, seed=2, classes=(11,))
+        check_sampler(server, "class")
         # the server carries on after a bad request
         np.testing.assert_array_equal(request_images(server.http_url, 1, seed=2, classes=(4,)), served[:1])

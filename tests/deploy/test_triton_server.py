@@ -17,6 +17,7 @@ from ptqd.errors import UserError
 from ptqd.runtime.layout import graph_path
 from ptqd.runtime.schedule import FoldedSchedule
 from tests.conftest import assert_user_error, run_cli
+from tests.deploy.bad_requests import check_sampler
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,12 @@ def test_32_concurrent_requests_all_answered_and_right(server, local_sampler):
         np.testing.assert_array_equal(images, local_sampler(2, 100 + i), err_msg=f"request {i}")
 
 
-def test_bad_request_is_an_error_response_and_the_server_carries_on(server, local_sampler):
-    with pytest.raises(UserError, match="num_images must be in 1..256"):
+def test_bad_requests_are_invalid_argument_and_the_server_carries_on(server, local_sampler):
+    assert check_sampler(server, "unconditional") >= 12
+    with pytest.raises(UserError, match="num_images must be in 1..256"):   # ptqd's client says so in one line
         request_images(server.http_url, 1000, seed=0)
     np.testing.assert_array_equal(request_images(server.http_url, 1, seed=0), local_sampler(1, 0))
+    np.testing.assert_array_equal(request_images(server.grpc_url, 1, seed=0, protocol="grpc"), local_sampler(1, 0))
 
 
 def test_client_cli_writes_the_served_images(server, local_sampler, tmp_path):

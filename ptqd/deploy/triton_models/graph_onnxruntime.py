@@ -32,16 +32,38 @@ class TritonPythonModel:
         array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
         return array.reshape(-1) if name in self.flat else array
 
+    def _run(self, per_request: list[dict]) -> dict:
+        names = self.graph.input_names
+        return self.graph.outputs(**{n: np.concatenate([p[n] for p in per_request]) for n in names})
+
     def execute(self, requests):
         # Requests the dynamic batcher grouped are run as one onnxruntime batch; every output of
         # the graph is answered (an SDXL text encoder's hidden states and pooled embedding).
+        # Triton has checked names, types, shapes and batch sizes against config.pbtxt; what
+        # onnxruntime still refuses is a value (an index past an embedding table): then each
+        # request runs alone, so only the bad one is answered INVALID_ARGUMENT.
         names = self.graph.input_names
         per_request = [{n: self._input(r, n) for n in names} for r in requests]
-        outputs = self.graph.outputs(**{n: np.concatenate([p[n] for p in per_request]) for n in names})
-        responses, start = [], 0
-        for inputs in per_request:
-            count = len(inputs[names[0]])
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, out[start:start + count]) for name, out in outputs.items()]))
-            start += count
+        try:
+            groups = [(per_request, self._run(per_request))]
+        except Exception:
+            groups = []
+            for inputs in per_request:
+                try:
+                    groups.append(([inputs], self._run([inputs])))
+                except Exception as exc:
+                    reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+                    groups.append(([inputs], pb_utils.TritonError(f"onnxruntime refused the input: {reason}",
+                                                                  pb_utils.TritonError.INVALID_ARG)))
+        responses = []
+        for members, outputs in groups:
+            if isinstance(outputs, pb_utils.TritonError):
+                responses.append(pb_utils.InferenceResponse(error=outputs))
+                continue
+            start = 0
+            for inputs in members:
+                count = len(inputs[names[0]])
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(name, out[start:start + count]) for name, out in outputs.items()]))
+                start += count
         return responses

@@ -9,6 +9,9 @@ prompts/classes it was calibrated with).
 Response: images (FP32 [num, C, H, W] in [0, 1]); image i of a seed is the same image that
 `ptqd sample OUT --backend onnxruntime --seed S` (with the same prompts or classes) writes at
 index i (bit for bit with the in-process CPU-fast graphs), whatever the batch.
+A request the model cannot take (a count out of range, a negative seed, an unknown class, a
+prompt that is not UTF-8 text) is answered INVALID_ARGUMENT (HTTP 400) with a one-line reason;
+Triton itself answers so for missing, unknown or wrongly typed inputs.
 
 Config parameters: `unets` is "bls" (each step calls the configuration's denoiser model, a
 TensorRT plan or its onnxruntime stand-in, through Business Logic Scripting) or "in-process"
@@ -35,6 +38,11 @@ from ptqd.runtime.layout import (DENOISER_ROLE, TEXT_ENCODER_ROLE, VAE_DECODER_R
 from ptqd.runtime.schedule import FoldedSchedule  # noqa: E402
 
 DTYPES = {"float32": np.float32, "int64": np.int64}
+
+
+class BadRequest(ValueError):
+    """What the client got wrong in a request (missing or malformed input, a count out of
+    range, an unknown class): answered INVALID_ARGUMENT, the server carries on."""
 
 
 class BlsModel:
@@ -91,6 +99,8 @@ def _conditions(request, spec: PipelineSpec) -> list:
     if tensor is None:
         return []
     values = tensor.as_numpy().reshape(-1)
+    if values.size == 0:
+        raise ValueError(f"input {name!r} is empty: give at least one, or leave it out for the defaults")
     if spec.kind == "text":
         return [_text(v) for v in values]
     return [int(v) for v in values]
@@ -139,16 +149,25 @@ class TritonPythonModel:
         self.text_encoders = {g.name: models[g.name] for g in by_role(TEXT_ENCODER_ROLE)}
         self.decoder = next((models[g.name] for g in by_role(VAE_DECODER_ROLE)), None)
 
+    def _read(self, request) -> tuple:
+        """(seed, num, first index, conditions, negative prompt) of one request; BadRequest
+        names what the client got wrong."""
+        try:
+            seed = _scalar(request, "seed")
+            num = _scalar(request, "num_images")
+            first = _scalar(request, "first_index", 0)
+            if seed < 0 or first < 0:
+                raise ValueError("seed and first_index must be >= 0")
+            if not 1 <= num <= self.max_images:
+                raise ValueError(f"num_images must be in 1..{self.max_images}, got {num}")
+            conditions = self.spec.check_conditions(_conditions(request, self.spec))
+            return seed, num, first, conditions, _negative_prompt(request, self.spec)
+        except (ValueError, TypeError) as exc:   # UnicodeDecodeError is a ValueError
+            raise BadRequest(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
     def _run(self, request):
-        seed = _scalar(request, "seed")
-        num = _scalar(request, "num_images")
-        first = _scalar(request, "first_index", 0)
-        if seed < 0 or first < 0:
-            raise ValueError("seed and first_index must be >= 0")
-        if not 1 <= num <= self.max_images:
-            raise ValueError(f"num_images must be in 1..{self.max_images}, got {num}")
-        conditioner = runtime_conditioner(self.spec, _conditions(request, self.spec), HERE, self.text_encoders,
-                                          _negative_prompt(request, self.spec))
+        seed, num, first, conditions, negative = self._read(request)
+        conditioner = runtime_conditioner(self.spec, conditions, HERE, self.text_encoders, negative)
         sampler = Sampler(self.schedule, self.engines, self.batch, conditioner, self.decoder)
         images = sampler.generate(num, seed, first_index=first)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)])
@@ -156,8 +175,13 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            # one bad request must not take the others down; the client's mistakes are
+            # INVALID_ARGUMENT (HTTP 400), anything else is the server's (INTERNAL, HTTP 500).
+            # (pb_utils.TritonError exists once the stub runs the model, not at import.)
             try:
                 responses.append(self._run(request))
-            except Exception as exc:  # one bad request must not take the others down
+            except BadRequest as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+            except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
