@@ -11,9 +11,10 @@ by nvidia-pytriton's tritonserver (`make triton-env`) with ptqd serve's argument
 sends --requests requests of --num images (seed = request number) from an asyncio gRPC client
 holding at most `concurrency` in flight, and stops when all are answered. Reported per level:
 throughput, p50/p99 latency as the client sees it, and from the :8002 counters over the level:
-the sampler's mean queue and compute time per request, their ratio (what the Kubernetes
-autoscaler's metric reads, ptqd/deploy/kubernetes.py), and each denoiser model's mean batch
-and the share of the level's wall time it spent computing.
+the sampler's mean queue and compute time per request and their ratio, the mean number of
+requests waiting for a sampler instance (the gauge sampled every 0.5 s): the Kubernetes
+autoscaler's two metrics (ptqd/deploy/kubernetes.py); and from the statistics API each
+denoiser model's mean batch and the share of the level's wall time it spent computing.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import asyncio
 import re
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -37,7 +39,7 @@ from ptqd.deploy.repository import SAMPLER, engine_profile, write_repository  # 
 from ptqd.deploy.server import LocalTritonServer  # noqa: E402
 
 COUNTERS = ("nv_inference_request_success", "nv_inference_queue_duration_us",
-            "nv_inference_compute_infer_duration_us", "nv_inference_count", "nv_inference_exec_count")
+            "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
 LINE = re.compile(r'^(\w+)\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$')
 
 
@@ -91,11 +93,39 @@ async def drive(url: str, concurrency: int, requests: int, num: int, first_seed:
     return latencies, images
 
 
+def model_stats(url: str) -> dict:
+    """{model: (inferences, executions, seconds computing)} from Triton's statistics API: the
+    compute time per execution (batch_stats), not per request as the metrics count it."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics()["model_stats"]
+    finally:
+        client.close()
+    return {m["name"]: (m["inference_count"], m["execution_count"],
+                        sum(b["compute_infer"]["ns"] for b in m.get("batch_stats", [])) / 1e9) for m in stats}
+
+
 def level(server: LocalTritonServer, concurrency: int, args, first_seed: int) -> dict:
     before = wait_for_metrics(server.metrics_url, 0)
+    stats_before = model_stats(server.http_url)
+    # the waiting-requests gauge (the HPA's second metric), sampled while the level runs
+    waiting, stop = [], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            waiting.append(scrape(server.metrics_url).get(("nv_inference_pending_request_count", SAMPLER), 0.0))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     latencies, images = asyncio.run(drive(server.grpc_url, concurrency, args.requests, args.num, first_seed))
     wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    stats = {m: tuple(a - b for a, b in zip(v, stats_before.get(m, (0, 0, 0.0))))
+             for m, v in model_stats(server.http_url).items()}
     done = before.get(("nv_inference_request_success", SAMPLER), 0) + args.requests
     after = wait_for_metrics(server.metrics_url, done)
     delta = defaultdict(float, {k: after[k] - before.get(k, 0.0) for k in after})
@@ -103,16 +133,13 @@ def level(server: LocalTritonServer, concurrency: int, args, first_seed: int) ->
     queue_ms = delta[("nv_inference_queue_duration_us", SAMPLER)] / max(served, 1) / 1e3
     compute_ms = delta[("nv_inference_compute_infer_duration_us", SAMPLER)] / max(served, 1) / 1e3
     # per denoiser model: mean batch per execution, and the share of the level it was computing
-    # (Triton adds an execution's compute time to each request in it: per request, times executions)
-    batches = {model: (delta[("nv_inference_count", model)] / delta[("nv_inference_exec_count", model)],
-                       delta[("nv_inference_compute_infer_duration_us", model)] / 1e6 / wall
-                       / delta[("nv_inference_request_success", model)] * delta[("nv_inference_exec_count", model)])
-               for (counter, model) in delta if counter == "nv_inference_exec_count" and model != SAMPLER
-               and delta[("nv_inference_exec_count", model)] > 0}
+    batches = {model: (inferences / executions, seconds / wall)
+               for model, (inferences, executions, seconds) in stats.items() if model != SAMPLER and executions}
     return {"concurrency": concurrency, "requests": args.requests, "wall_s": wall,
             "throughput": args.requests * args.num / wall, "p50_s": float(np.percentile(latencies, 50)),
             "p99_s": float(np.percentile(latencies, 99)), "queue_ms": queue_ms, "compute_ms": compute_ms,
-            "ratio": queue_ms / max(compute_ms, 1e-9), "batches": batches, "images": images}
+            "ratio": queue_ms / max(compute_ms, 1e-9), "waiting": float(np.mean(waiting)) if waiting else 0.0,
+            "batches": batches, "images": images}
 
 
 def main() -> None:
@@ -134,7 +161,7 @@ def main() -> None:
     print(f"{args.out}: {steps} steps; local sampler (one process, all cores): "
           f"{local_s * 1e3:.0f} ms per request of {args.num} images, {args.num / local_s:.1f} images/s")
     print(f"{'layout':<16}{'clients':>8}{'img/s':>8}{'p50 s':>8}{'p99 s':>8}{'queue ms':>10}"
-          f"{'compute ms':>12}{'q/c':>6}  denoiser models: mean batch, busy")
+          f"{'compute ms':>12}{'q/c':>6}{'waiting':>8}  denoiser models: mean batch, busy")
     for mode, instances in layouts:
         with tempfile.TemporaryDirectory(prefix="ptqd-load-") as tmp:
             repo = Path(tmp) / "triton"
@@ -149,7 +176,7 @@ def main() -> None:
                                         for m, (b, busy) in sorted(row["batches"].items())) or "-"
                     print(f"{f'{mode}:{instances}':<16}{concurrency:>8}{row['throughput']:>8.1f}{row['p50_s']:>8.2f}"
                           f"{row['p99_s']:>8.2f}{row['queue_ms']:>10.0f}{row['compute_ms']:>12.0f}"
-                          f"{row['ratio']:>6.2f}  {batches}", flush=True)
+                          f"{row['ratio']:>6.2f}{row['waiting']:>8.1f}  {batches}", flush=True)
 
 
 if __name__ == "__main__":

@@ -298,6 +298,10 @@ def run_deploy_stage(out: Path, unets: str, instances: int, force: bool, kuberne
     for name in [TRITON_DIR] + ([KUBERNETES_DIR] if kubernetes is not None else []):
         if (out / name).exists() and not force:
             raise UserError(f"{out / name} exists; pass --force to write it again")
+    if kubernetes is not None:
+        from ptqd.deploy.kubernetes import check_options
+
+        check_options(**kubernetes)   # before the repository is built
     with staged_directory(out / TRITON_DIR) as staging:
         stage_deploy(out, unets, instances, dest=staging)
         if kubernetes is not None:
@@ -307,11 +311,12 @@ def run_deploy_stage(out: Path, unets: str, instances: int, force: bool, kuberne
             with staged_directory(out / KUBERNETES_DIR) as manifests:
                 write_kubernetes(plan, manifests)
     if kubernetes is None and (out / KUBERNETES_DIR).exists():
-        # its image, GPU and sizes were the previous repository's
-        shutil.rmtree(out / KUBERNETES_DIR)
-        click.echo(f"removed {out / KUBERNETES_DIR}, written for the previous repository "
-                   "(--kubernetes writes it again)")
-    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances, "kubernetes": kubernetes})
+        # its image, GPU and sizes are the previous repository's; the user's own changes live in
+        # an overlay that uses it, so it is left for them to rewrite, not removed
+        click.echo(f"warning: {out / KUBERNETES_DIR} was written for the previous repository: "
+                   "rewrite it with --kubernetes --force", err=True)
+    update_manifest(out, ["deploy"], {"unets": unets, "instances": instances,
+                                      **({"kubernetes": kubernetes} if kubernetes is not None else {})})
     click.echo(f"wrote {out / TRITON_DIR}" + (f" and {out / KUBERNETES_DIR}" if kubernetes is not None else ""))
 
 

@@ -68,7 +68,7 @@ def test_bad_option_values_are_one_line_errors(tmp_path):
 
 
 def test_digits_dit_draws_the_digit_it_is_asked_for(tmp_path):
-    """The second built-in model, a class-conditional DiT: 60 full-precision samples (50 DDIM
+    """The second built-in model, a class-conditional DiT: 100 full-precision samples (50 DDIM
     steps, its default guidance) asked for 0..9 in turn; the shipped classifier and the
     independent judge both see the asked digit in at least 90 % of them."""
     from ptqd.evaluation.metrics import DigitFeatures
@@ -76,11 +76,11 @@ def test_digits_dit_draws_the_digit_it_is_asked_for(tmp_path):
 
     out = tmp_path / "dit.npy"
     classes = ",".join(map(str, range(10)))
-    result = run_cli("sample", "--model", "digits-dit", "--num", "60", "--class", classes, "--output", str(out))
+    result = run_cli("sample", "--model", "digits-dit", "--num", "100", "--class", classes, "--output", str(out))
     assert result.returncode == 0, result.stderr
     images = np.load(out)
-    assert images.shape == (60, 1, 16, 16)
-    asked = np.arange(60) % 10
+    assert images.shape == (100, 1, 16, 16)
+    asked = np.arange(100) % 10
     shipped = DigitFeatures(resolve_model("digits-dit").extras_dir).predict(images)
     clf, _, _ = judge()
     assert (shipped == asked).mean() >= 0.9

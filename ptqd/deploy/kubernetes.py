@@ -41,14 +41,25 @@ MODELS_MOUNT = "/models"            # where the container sees a repository on a
 # (triton-server, uid/gid 1000); the pod runs as it.
 TRITON_UID = 1000
 STORAGE_SCHEMES = ("s3://", "gs://")
-# The HPA's metric: the sampler's queue time over its compute time, per pod (prometheus-adapter
-# rule below). NVIDIA's autoscaling tutorial targets this ratio at 1: scale out once requests
-# wait as long as they compute, whatever the model or GPU. Only the sampler's counters count:
-# a request waits for a sampler instance, and the denoiser models' queue time is mostly the
-# dynamic batcher's deliberate delay.
+# The HPA's metrics, per pod, from the sampler's Triton metrics (prometheus-adapter rules
+# below); only the sampler's count: a request waits for a sampler instance, and the denoiser
+# models' queue time is mostly the dynamic batcher's deliberate delay.
+# - the sampler's queue time over its compute time (NVIDIA's autoscaling tutorial, target 1:
+#   requests wait as long as they compute). Triton adds to both counters when a request ends,
+#   so a window in which no request ends (requests longer than it) reads nothing;
+# - the requests waiting for a sampler instance now (a gauge, target 1), which shows long
+#   requests piling up.
+# The HPA follows whichever asks for more pods. Neither sees a pod whose sampler instances
+# outnumber what it can run at once (they slow each other down instead of queueing): keep
+# --instances at what the pod runs concurrently.
 HPA_METRIC = "ptqd_sampler_queue_compute_ratio"
+HPA_PENDING_METRIC = "ptqd_sampler_pending_requests"
 HPA_TARGET = "1"
-RATE_WINDOW = "1m"
+RATE_WINDOW = "2m"    # two samples of Prometheus' default 1-minute scrape
+# A stopping pod stops getting new requests (PRESTOP_S, while the endpoints update), then lets
+# requests in flight finish (Triton's exit timeout), within the grace period.
+KUBERNETES_EXIT_S = 120
+PRESTOP_S = 10
 
 # Sizing assumptions (estimates, stated in the README): a pod reads and loads the repository at
 # 25 MB/s at worst (a network volume or object storage), after 60 s of container start.
@@ -232,13 +243,10 @@ def _gpu_product(plan_gpu: bool, engines: Path, override: str | None) -> tuple[s
         if override:
             raise UserError("--gpu-product: this repository runs no TensorRT plans (its graphs run on the CPU); "
                             "deploy with --unets tensorrt after building the engines on a GPU")
-        return None, "no TensorRT plans: the graphs run on the CPU, so the pods ask for no GPU"
+        return None, "the repository has no TensorRT plans (its graphs run on the CPU)"
     names = recorded_gpus(engines)
     if override:
-        label = override.strip()
-        if not LABEL_VALUE_RE.fullmatch(label) or len(label) > 63:
-            raise UserError(f"--gpu-product {override!r}: not a label value; give the nodes' "
-                            "nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3")
+        label = _label_value("--gpu-product", override.strip())
         recorded = ", ".join(sorted(names)) or "not recorded"
         return label, f"--gpu-product (the plans were built on: {recorded})"
     if len(names) > 1:
@@ -248,7 +256,8 @@ def _gpu_product(plan_gpu: bool, engines: Path, override: str | None) -> tuple[s
         raise UserError(f"the plans in {engines} do not record the GPU that built them: name it with "
                         "--gpu-product (the nodes' nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3)")
     name = names.pop()
-    return gpu_product_label(name), f"the plans were built on {name}"
+    return (_label_value(f"the label of the plans' GPU ({name})", gpu_product_label(name)),
+            f"the plans were built on {name}")
 
 
 def _packages(models: list[ServedModel], repository: Path) -> list[str]:
@@ -265,20 +274,34 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def plan_manifests(out: Path, repository: Path, model_store: str = "pvc", storage_secret: str | None = None,
-                   gpu_product: str | None = None, min_replicas: int = 1, max_replicas: int = 4) -> Plan:
+def check_options(model_store: str = "pvc", storage_secret: str | None = None, gpu_product: str | None = None,
+                  min_replicas: int = 1, max_replicas: int = 4) -> Storage:
+    """The options alone, before anything is built: one-line errors for what is wrong."""
     if not 1 <= min_replicas <= max_replicas:
         raise UserError(f"--min-replicas {min_replicas} / --max-replicas {max_replicas}: "
                         "need 1 <= min <= max")
-    storage = Storage.parse(model_store, storage_secret)
+    if gpu_product is not None:
+        _label_value("--gpu-product", gpu_product.strip())
+    return Storage.parse(model_store, storage_secret)
+
+
+def _label_value(what: str, value: str) -> str:
+    if not LABEL_VALUE_RE.fullmatch(value) or len(value) > 63:
+        raise UserError(f"{what} {value!r}: not a label value; name the nodes' nvidia.com/gpu.product "
+                        "with --gpu-product, e.g. NVIDIA-H100-80GB-HBM3")
+    return value
+
+
+def plan_manifests(out: Path, repository: Path, model_store: str = "pvc", storage_secret: str | None = None,
+                   gpu_product: str | None = None, min_replicas: int = 1, max_replicas: int = 4) -> Plan:
+    storage = check_options(model_store, storage_secret, gpu_product, min_replicas, max_replicas)
     models = read_models(repository)
     plan_gpu = any(m.on_gpu for m in models)
     product, gpu_why = _gpu_product(plan_gpu, out / "engines", gpu_product)
     packages = _packages(models, repository)
     if packages:
-        image, why = TRITON_RUNTIME_IMAGE, (f"the repository's Python models import {' and '.join(packages)}: "
-                                            f"build it FROM {TRITON_IMAGE} with `docker/gpu_pipeline.sh "
-                                            "triton-image` and push it to your registry")
+        image, why = TRITON_RUNTIME_IMAGE, (f"{TRITON_IMAGE} with {' and '.join(packages)}, which the repository's "
+                                            "Python models import; build it and push it to your registry")
     else:
         image, why = TRITON_IMAGE, "the repository needs nothing beyond NVIDIA's image"
     return Plan(out, storage, min_replicas, max_replicas, models, _folder_bytes(repository), image, why,
@@ -316,15 +339,18 @@ def _container(plan: Plan) -> dict:
         "name": "tritonserver",
         "image": plan.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["tritonserver"],
-        "args": server_arguments(storage.repository),
+        # args, not command: the image's entrypoint (NGC's driver and compatibility checks) runs first
+        "args": ["tritonserver", *server_arguments(storage.repository, exit_timeout_s=KUBERNETES_EXIT_S)],
         "ports": [{"name": "http", "containerPort": HTTP_PORT}, {"name": "grpc", "containerPort": GRPC_PORT},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
         # loading the engines takes the startup probe's budget; only then do liveness and
-        # readiness start, so a slow load is not killed as a hung server
-        "startupProbe": probe("/v2/health/ready", plan.startup_failures()),
+        # readiness start, so a slow load is not killed as a hung server. It asks for the
+        # sampler itself: a server started before the repository was copied in has no models
+        # and is "ready"; it is restarted until they are there
+        "startupProbe": probe(f"/v2/models/{SAMPLER}/ready", plan.startup_failures()),
         "readinessProbe": probe("/v2/health/ready", 3, 5),
         "livenessProbe": probe("/v2/health/live", 3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}},
         "resources": resources,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": mounts,
@@ -350,8 +376,8 @@ def pod_spec(plan: Plan) -> dict:
     spec = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": TRITON_UID, "runAsGroup": TRITON_UID,
                             "fsGroup": TRITON_UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        # a request in flight (a whole sampling run) finishes before the server exits
-        "terminationGracePeriodSeconds": 60,
+        # requests in flight (each a whole sampling run) finish before the server exits
+        "terminationGracePeriodSeconds": PRESTOP_S + KUBERNETES_EXIT_S + 20,
         "containers": [_container(plan)],
         "volumes": _volumes(plan),
     }
@@ -366,8 +392,8 @@ def deployment(plan: Plan) -> dict:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": NAME, "labels": dict(LABELS)},
+        # no replicas: the HPA owns the count (one here would reset it on every apply)
         "spec": {
-            "replicas": plan.min_replicas,
             "selector": {"matchLabels": dict(LABELS)},
             "template": {
                 "metadata": {"labels": dict(LABELS),
@@ -405,8 +431,9 @@ def autoscaler(plan: Plan) -> dict:
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME},
             "minReplicas": plan.min_replicas, "maxReplicas": plan.max_replicas,
-            "metrics": [{"type": "Pods", "pods": {"metric": {"name": HPA_METRIC},
-                                                  "target": {"type": "AverageValue", "averageValue": HPA_TARGET}}}],
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": name},
+                                                  "target": {"type": "AverageValue", "averageValue": HPA_TARGET}}}
+                        for name in (HPA_METRIC, HPA_PENDING_METRIC)],
             # a new GPU pod takes minutes to load its engines: add one at a time, remove slowly
             "behavior": {"scaleUp": {"stabilizationWindowSeconds": 60,
                                      "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]},
@@ -424,19 +451,24 @@ def claim(plan: Plan) -> dict:
                      "resources": {"requests": {"storage": _gibibytes(plan.repository_bytes * 5 // 4)}}}}
 
 
-def adapter_rule() -> dict:
-    """The prometheus-adapter rule (its Helm chart's `rules.custom`) that makes HPA_METRIC from
-    Triton's cumulative counters: the rates' ratio over RATE_WINDOW, per pod."""
+def adapter_rules() -> list[dict]:
+    """The prometheus-adapter rules (its Helm chart's `rules.custom`) that make the HPA's
+    metrics per pod: HPA_METRIC from Triton's cumulative counters (the rates' ratio over
+    RATE_WINDOW), HPA_PENDING_METRIC from its gauge."""
     sampler = f'model="{SAMPLER}"'
-    rate = lambda counter: (f"sum by (<<.GroupBy>>) (rate({counter}{{<<.LabelMatchers>>,{sampler}}}"
-                            f"[{RATE_WINDOW}]))")
-    return {
-        "seriesQuery": f'nv_inference_queue_duration_us{{namespace!="",pod!="",{sampler}}}',
-        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": HPA_METRIC},
-        "metricsQuery": f"{rate('nv_inference_queue_duration_us')} / clamp_min("
-                        f"{rate('nv_inference_compute_infer_duration_us')}, 1)",
-    }
+    series = lambda name: f'{name}{{namespace!="",pod!="",{sampler}}}'
+    summed = lambda expr: f"sum by (<<.GroupBy>>) ({expr})"
+    rate = lambda counter: summed(f"rate({counter}{{<<.LabelMatchers>>,{sampler}}}[{RATE_WINDOW}])")
+    pods = {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
+    return [
+        {"seriesQuery": series("nv_inference_queue_duration_us"), "resources": pods,
+         "name": {"matches": "^nv_inference_queue_duration_us$", "as": HPA_METRIC},
+         "metricsQuery": f"{rate('nv_inference_queue_duration_us')} / clamp_min("
+                         f"{rate('nv_inference_compute_infer_duration_us')}, 1)"},
+        {"seriesQuery": series("nv_inference_pending_request_count"), "resources": pods,
+         "name": {"matches": "^nv_inference_pending_request_count$", "as": HPA_PENDING_METRIC},
+         "metricsQuery": summed(f"nv_inference_pending_request_count{{<<.LabelMatchers>>,{sampler}}}")},
+    ]
 
 
 def service_monitor() -> dict:
@@ -447,15 +479,15 @@ def service_monitor() -> dict:
 
 
 def model_loader(plan: Plan) -> dict:
-    """A pod that mounts the claim writable, for `kubectl cp` (it needs tar in the container)."""
+    """A pod that mounts the claim writable, for `kubectl cp` (it needs tar in the container).
+    It runs as root: a ReadWriteMany volume's root directory is often root's, and not every
+    driver applies fsGroup; what it writes is readable by all, the server's user included."""
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"{NAME}-model-loader", "labels": {"app.kubernetes.io/name": f"{NAME}-model-loader"}},
-            "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": TRITON_UID, "runAsGroup": TRITON_UID,
-                                         "fsGroup": TRITON_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+            "spec": {"securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                      "restartPolicy": "Never",
                      "containers": [{"name": "loader", "image": "busybox:1.37", "command": ["sleep", "3600"],
-                                     "securityContext": {"allowPrivilegeEscalation": False,
-                                                         "capabilities": {"drop": ["ALL"]}},
+                                     "securityContext": {"allowPrivilegeEscalation": False},
                                      "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}]}],
                      "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": plan.storage.claim}}]}}
 
@@ -473,7 +505,7 @@ def inference_service(plan: Plan) -> dict:
     pod = pod_spec(plan)
     container = pod["containers"][0]
     model = {"modelFormat": {"name": "triton"}, "runtime": KSERVE_RUNTIME, "storageUri": plan.storage.uri,
-             "args": [a for a in container["args"] if not a.startswith(KSERVE_RUNTIME_FLAGS)],
+             "args": [a for a in container["args"][1:] if not a.startswith(KSERVE_RUNTIME_FLAGS)],
              "resources": container["resources"],
              "volumeMounts": [m for m in container["volumeMounts"] if m["name"] == "dshm"]}
     if plan.image == TRITON_IMAGE:
@@ -481,6 +513,9 @@ def inference_service(plan: Plan) -> dict:
     else:
         model["image"] = plan.image
     predictor = {"minReplicas": plan.min_replicas, "maxReplicas": plan.max_replicas,
+                 # passed on to the pods: Prometheus scrapes Triton's metrics port for the HPA
+                 "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                                 "prometheus.io/path": "/metrics"},
                  "securityContext": pod["securityContext"],
                  "volumes": [v for v in pod["volumes"] if v["name"] == "dshm"], "model": model}
     for key in ("nodeSelector", "tolerations"):
@@ -519,8 +554,9 @@ Arguments: the same as `ptqd serve` (ptqd/deploy/server.py server_arguments).
         "service.yaml": _dump([service()], "HTTP 8000, gRPC 8001, Prometheus metrics 8002."),
         "pdb.yaml": _dump([disruption_budget()], "Voluntary disruptions (drains) take one pod at a time."),
         "hpa.yaml": _dump([autoscaler(plan)], f"""
-Scales on {HPA_METRIC}: the sampler's queue time over its compute time per pod,
-made from Triton's counters by the prometheus-adapter rule in prometheus-adapter-values.yaml."""),
+Scales on {HPA_METRIC} (the sampler's queue time over its compute time) and
+{HPA_PENDING_METRIC} (requests waiting for a sampler instance), per pod, made from
+Triton's metrics by the prometheus-adapter rules in prometheus-adapter-values.yaml."""),
     }
     resources = ["deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml"]
     if plan.creates_claim:
@@ -532,22 +568,23 @@ made from Triton's counters by the prometheus-adapter rule in prometheus-adapter
         name, tag = plan.image.split(":")
         kustomization["images"] = [{"name": name, "newName": name, "newTag": tag}]
     files["kustomization.yaml"] = _dump([kustomization], """
-kubectl apply -k . (README.md says what to set first).""" + ("""
-The image is built here, not pulled from NGC: `kustomize edit set image
+A base: use it from an overlay (README.md says what to set first).""" + ("""
+The image is built, not pulled from NGC: the overlay's `kustomize edit set image
 ptqd-triton=REGISTRY/ptqd-triton:TAG` points the pods at the copy you pushed.""" if plan.image == TRITON_RUNTIME_IMAGE else ""))
-    files["prometheus-adapter-values.yaml"] = _dump([{"rules": {"custom": [adapter_rule()]}}], f"""
+    files["prometheus-adapter-values.yaml"] = _dump([{"rules": {"custom": adapter_rules()}}], f"""
 Helm values for prometheus-community/prometheus-adapter (not a Kubernetes resource):
 helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter \\
   -f prometheus-adapter-values.yaml --set prometheus.url=http://PROMETHEUS-SERVICE.NAMESPACE.svc
-It publishes {HPA_METRIC} per pod on custom.metrics.k8s.io, which hpa.yaml reads.""")
+It publishes {HPA_METRIC} and {HPA_PENDING_METRIC} per pod on custom.metrics.k8s.io,
+which hpa.yaml reads.""")
     files["optional/servicemonitor.yaml"] = _dump([service_monitor()], """
 For a Prometheus run by prometheus-operator: scrape the pods' metrics port every 15 s
 (the adapter's rate needs at least two samples in its window). Not in the base: apply it where
 the ServiceMonitor kind exists.""")
     files["optional/kserve.yaml"] = _dump([inference_service(plan), kserve_autoscaler(plan)], f"""
 The same server through KServe (instead of the base, not beside it): an InferenceService on
-the {KSERVE_RUNTIME} runtime, model from {plan.storage.uri}, and the HPA on {HPA_METRIC}
-for the Deployment KServe makes (KServe's own autoscaler scales on CPU or memory only).""")
+the {KSERVE_RUNTIME} runtime, model from {plan.storage.uri}, and the base's HPA for the
+Deployment KServe makes (KServe's own autoscaler scales on CPU or memory only).""")
     if plan.storage.url is None:
         files["optional/model-loader.yaml"] = _dump([model_loader(plan)], f"""
 A pod to copy the repository into the claim {plan.storage.claim} (README.md); delete it afterwards.""")
@@ -557,14 +594,19 @@ A pod to copy the repository into the claim {plan.storage.claim} (README.md); de
 def readme(plan: Plan) -> str:
     storage = plan.storage
     if storage.url is None:
-        load = f"""The repository lives on the claim `{storage.claim}` (ReadWriteMany, mounted read-only at
-{MODELS_MOUNT}). {"`pvc.yaml` creates it" if plan.creates_claim else "It must exist already"}; copy the repository in once:
+        claim = ("`pvc.yaml` creates it: ReadWriteMany, so every replica can mount it; give it a storage\n"
+                 "class that offers that (NFS, CephFS, EFS, Filestore: `storageClassName` in a patch)"
+                 if plan.creates_claim else "It must exist already, readable by every replica")
+        load = f"""The repository lives on the claim `{storage.claim}`, mounted read-only at
+{MODELS_MOUNT}. {claim}. Copy the repository in once:
 
     kubectl apply -f optional/model-loader.yaml
     kubectl wait --for=condition=Ready pod/{NAME}-model-loader
     kubectl cp {plan.out}/triton/. {NAME}-model-loader:{MODELS_MOUNT}/
     kubectl delete -f optional/model-loader.yaml
-    kubectl rollout restart deployment/{NAME}    # pods that started before the copy"""
+
+A pod that started before the copy has no models: its startup probe (the sampler model's
+readiness) restarts it until they are there."""
     elif storage.url.startswith("s3://"):
         load = f"""Triton reads the repository from `{storage.url}` itself (copy `{plan.out}/triton/*` there), with
 the credentials in the secret `{storage.secret}`:
@@ -576,58 +618,69 @@ the credentials in the secret `{storage.secret}`:
 the service-account key in the secret `{storage.secret}`:
 
     kubectl create secret generic {storage.secret} --from-file=credentials.json=KEY.json"""
-    image = (f"""The pods run `{plan.image}`: {plan.image_why}. Point the base at your copy:
-
-    docker/gpu_pipeline.sh triton-image && docker tag {plan.image} REGISTRY/{plan.image} && docker push REGISTRY/{plan.image}
-    kustomize edit set image {plan.image.split(':')[0]}=REGISTRY/{plan.image}"""
+    image = (f"""The pods run `{plan.image}`: {plan.image_why}:
+  `docker/gpu_pipeline.sh triton-image`, `docker tag {plan.image} REGISTRY/{plan.image}`,
+  `docker push REGISTRY/{plan.image}`; the overlay above points the base at it."""
              if plan.image == TRITON_RUNTIME_IMAGE else f"The pods run NVIDIA's `{plan.image}` ({plan.image_why}).")
     gpu = (f"""Each pod asks for one `nvidia.com/gpu` and runs only on nodes labelled
-`nvidia.com/gpu.product={plan.gpu_product}` ({plan.gpu_why}; the label is set by NVIDIA's GPU
-Feature Discovery): a TensorRT plan loads only on the GPU model and TensorRT release that built
-it. For other GPUs, build the engines there and deploy again (`--gpu-product` names the label
-value when the build record cannot, e.g. for a MIG slice)."""
+  `nvidia.com/gpu.product={plan.gpu_product}` ({plan.gpu_why}; NVIDIA's GPU Feature Discovery sets
+  the label): a TensorRT plan loads only on the GPU model and TensorRT release that built it. For
+  other GPUs, build the engines there and deploy again (`--gpu-product` names the label value
+  when the build record cannot, e.g. for a MIG slice)."""
            if plan.gpu_product else f"The pods ask for no GPU: {plan.gpu_why}.")
+    overlay_image = (f"\n    kustomize edit set image {plan.image.split(':')[0]}=REGISTRY/{plan.image}"
+                     if plan.image == TRITON_RUNTIME_IMAGE else "")
     return f"""# Serving this repository on Kubernetes
 
-Written by `ptqd deploy --kubernetes` for `{plan.out}/triton`; a Kustomize base:
+Written by `ptqd deploy --kubernetes` for `{plan.out}/triton`: a Kustomize base. Leave it as
+written (`ptqd verify` checks it, `ptqd deploy --kubernetes --force` rewrites it) and put your
+changes in an overlay beside it:
 
-    kubectl apply -k .            # or: kubectl kustomize . | kubectl apply -f -
+    mkdir -p overlay && cd overlay
+    kustomize create --resources ../{plan.out.name}/kubernetes    # the path to this folder{overlay_image}
+    kubectl apply -k .
 
 ## What to set first
 - **The repository.** {load}
 - **The image.** {image}
 - **The GPU.** {gpu}
-- **Replicas.** {plan.min_replicas} to {plan.max_replicas} (`--min-replicas`, `--max-replicas`, or edit hpa.yaml).
+- **Replicas.** {plan.min_replicas} to {plan.max_replicas}, the autoscaler's range (`--min-replicas`, `--max-replicas`).
 
 ## The pods
-Triton {NGC_RELEASE} with the arguments `ptqd serve` uses (`{' '.join(server_arguments(storage.repository))}`).
-A startup probe on `/v2/health/ready` gives the server {plan.startup_failures() * PROBE_PERIOD_S} s to load the
-repository ({plan.repository_bytes / 1e6:.1f} MB; estimated at {LOAD_BYTES_PER_S / 1e6:.0f} MB/s after {START_S} s) before liveness
-(`/v2/health/live`) and readiness (`/v2/health/ready`) take over. `/dev/shm` is a memory-backed
-volume of {_mebibytes(plan.shm_bytes())} (Kubernetes gives 64 MB, too little for the Python backend's
-tensors: the sampler's largest answer, {int(plan.sampler.parameter('max_images') or 1)} images per request, and its calls to the
-other models, per instance); it counts against the pod's memory ({_mebibytes(plan.memory_bytes())}, estimated).
-The pod runs as the image's unprivileged user (uid {TRITON_UID}). A PodDisruptionBudget lets
-drains take one pod at a time.
+Triton {NGC_RELEASE} with the arguments `ptqd serve` uses, its exit timeout {KUBERNETES_EXIT_S} s so requests
+in flight finish when a pod stops. A startup probe on the sampler model's readiness gives the
+server {plan.startup_failures() * PROBE_PERIOD_S} s to load the repository ({plan.repository_bytes / 1e6:.1f} MB; estimated at
+{LOAD_BYTES_PER_S / 1e6:.0f} MB/s after {START_S} s) before liveness (`/v2/health/live`) and readiness
+(`/v2/health/ready`) take over. `/dev/shm` is a memory-backed volume of {_mebibytes(plan.shm_bytes())}
+(Kubernetes gives 64 MB, too little for the Python backend's tensors: the sampler's largest
+answer, {int(plan.sampler.parameter('max_images') or 1)} images per request, and its calls to the other models, per instance); it
+counts against the pod's memory ({_mebibytes(plan.memory_bytes())}, estimated). The pod runs as the image's
+unprivileged user (uid {TRITON_UID}). A PodDisruptionBudget lets drains take one pod at a time.
 
-## How the autoscaler sees its metric
-1. Each pod serves Prometheus metrics on port 8002 (`/metrics`): Triton's cumulative counters
-   `nv_inference_queue_duration_us` and `nv_inference_compute_infer_duration_us` per model.
-2. Prometheus scrapes them: through `optional/servicemonitor.yaml` (prometheus-operator) or the
-   pods' `prometheus.io/*` annotations.
-3. prometheus-adapter, installed with `prometheus-adapter-values.yaml`, turns them into
-   `{HPA_METRIC}` per pod on the custom metrics API: the rate of the sampler's queue time over the
-   rate of its compute time ({RATE_WINDOW} window). Check it arrives:
+## How the autoscaler sees its metrics
+1. Each pod serves Prometheus metrics on port 8002 (`/metrics`), per model: the cumulative
+   counters `nv_inference_queue_duration_us` and `nv_inference_compute_infer_duration_us`, the
+   gauge `nv_inference_pending_request_count`.
+2. Prometheus scrapes them, every minute or more often: through `optional/servicemonitor.yaml`
+   (prometheus-operator; kube-prometheus-stack selects ServiceMonitors by its release label by
+   default, add it in the overlay) or the pods' `prometheus.io/*` annotations.
+3. prometheus-adapter, installed with `prometheus-adapter-values.yaml`, publishes two metrics
+   per pod on the custom metrics API: `{HPA_METRIC}`, the rate of the sampler's queue time
+   over the rate of its compute time ({RATE_WINDOW} window), and `{HPA_PENDING_METRIC}`, the
+   requests waiting for a sampler instance. Check they arrive:
    `kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta1/namespaces/NAMESPACE/pods/*/{HPA_METRIC}"`
-4. The HPA (`hpa.yaml`, `autoscaling/v2`) keeps its per-pod average at {HPA_TARGET}: requests waiting as
-   long as they compute means the pods are full. It adds one pod at a time (a new pod takes
-   minutes to load its engines) and removes them slowly.
+4. The HPA (`hpa.yaml`, `autoscaling/v2`) keeps each per-pod average at {HPA_TARGET} and follows
+   whichever asks for more pods: requests waiting as long as they compute, or a request
+   waiting per pod, means the pods are full. (Triton counts a request's queue and compute time
+   when it ends: requests longer than the window show only in the waiting count.) It adds one
+   pod at a time (a new pod takes minutes to load its engines) and removes them slowly.
 
 ## KServe instead
 `optional/kserve.yaml` is the same server as a KServe InferenceService on the
-`{KSERVE_RUNTIME}` runtime (storageUri `{storage.uri}`; KServe's storage initializer fetches it,
-with the credentials KServe's own documentation describes) and an HPA for the Deployment KServe
-creates. Apply it instead of the base, not beside it.
+`{KSERVE_RUNTIME}` runtime (storageUri `{storage.uri}`: KServe mounts a claim, or downloads from
+object storage with the credentials its own documentation describes) and the same HPA for the
+Deployment KServe creates. Apply it instead of the base, not beside it; it is not in the
+kustomization, so set its image by hand if you pushed one.
 """
 
 

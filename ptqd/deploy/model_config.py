@@ -6,6 +6,7 @@ parsed back before it lands, which is what the server will do with it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ptqd.engines.profiles import BatchProfile
@@ -84,15 +85,18 @@ def _parameters(config, values: dict[str, str]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def onnxruntime_model(name: str, io: Interface, profile: BatchProfile, threads: int):
+def onnxruntime_model(name: str, io: Interface, profile: BatchProfile, threads: int,
+                      index_rows: dict[str, int] | None = None):
     """A graph run by onnxruntime inside a Python-backend model (1/model.onnx): the TensorRT
-    model's stand-in where Triton has no TensorRT backend, called the same way."""
+    model's stand-in where Triton has no TensorRT backend, called the same way. index_rows:
+    per integer input, the rows of the embedding table it indexes (a request outside them is
+    refused as the client's error)."""
     pb, _ = _schema()
     config = pb.ModelConfig(name=name, backend="python")
     _io(config, *io)
     _batched(config, profile)
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=1)
-    _parameters(config, {"graph": "model.onnx", "threads": threads})
+    _parameters(config, {"graph": "model.onnx", "threads": threads, "index_rows": json.dumps(index_rows or {})})
     return config
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from ptqd.engines.build_script import embedding_sizes
 from ptqd.engines.profiles import BatchProfile, recorded_profile
 from ptqd.errors import UserError
 from ptqd.runtime.conditioning import PipelineSpec
@@ -148,7 +149,7 @@ def write_repository(out: Path, dest: Path, unets: str = "auto", instances: int 
         else:
             _copy_runtime(dest / name / "1", GRAPH_MODEL)
             _copy(graph, dest / name / "1" / "model.onnx")
-            config = model_config.onnxruntime_model(name, io, profile, threads)
+            config = model_config.onnxruntime_model(name, io, profile, threads, embedding_sizes(graph))
         model_config.write_config(dest / name, config)
     names = [SAMPLER] + (list(models) if mode != "in-process" else [])
     click.echo(f"[triton] models {', '.join(names)} (denoisers: {mode}, batch up to {profile.max})")

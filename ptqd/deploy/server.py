@@ -28,10 +28,14 @@ from ptqd.errors import UserError
 
 ENV_VAR = "PTQD_TRITON_ENV"
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002   # Triton's defaults
+# How long a stopping server waits for requests in flight, and for clients' open connections,
+# before it exits: Triton's default, 30 s, here (an open connection would hold `ptqd serve`'s
+# Ctrl-C that long); a pod, where a request is a whole sampling run, waits KUBERNETES_EXIT_S.
+EXIT_TIMEOUT_S = 30
 
 
 def server_arguments(repository: str, http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT,
-                     metrics_port: int = METRICS_PORT) -> list[str]:
+                     metrics_port: int = METRICS_PORT, exit_timeout_s: int = EXIT_TIMEOUT_S) -> list[str]:
     """tritonserver's arguments for a ptqd repository, wherever it runs: `ptqd serve` here and
     the Kubernetes Deployment (deploy/kubernetes.py) both start the server with these.
     Every model is loaded at start (model control "none": the sampler calls the others), a
@@ -39,7 +43,7 @@ def server_arguments(repository: str, http_port: int = HTTP_PORT, grpc_port: int
     is ready only once every model is: what the probes and the readiness wait rely on."""
     return [f"--model-repository={repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
             "--allow-metrics=true", f"--metrics-port={metrics_port}", "--model-control-mode=none",
-            "--exit-on-error=true", "--strict-readiness=true"]
+            "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={exit_timeout_s}"]
 
 
 def local_arguments(backend_dir: Path) -> list[str]:
@@ -202,8 +206,10 @@ class LocalTritonServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+            exit_timeout = next((int(a.split("=", 1)[1]) for a in self.arguments
+                                 if a.startswith("--exit-timeout-secs=")), EXIT_TIMEOUT_S)
             try:
-                self.process.wait(timeout=40)
+                self.process.wait(timeout=exit_timeout + 10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()

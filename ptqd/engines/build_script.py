@@ -84,15 +84,29 @@ def _embedding_rows(graph: onnx.GraphProto, name: str) -> int | None:
     return None
 
 
-def value_ranges(onnx_path: Path) -> dict[str, tuple]:
-    """Per input, the range Polygraphy draws values from: integer inputs stay valid indices
-    (an out-of-range index is an error in ONNX Runtime and undefined in TensorRT)."""
+def embedding_sizes(onnx_path: Path) -> dict[str, int]:
+    """Per integer input that indexes an embedding table (class labels, token ids): the
+    table's rows, the indices the graph can take (an out-of-range index is an error in ONNX
+    Runtime and undefined in TensorRT)."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    ranges = {}
+    sizes = {}
     for inp in graph.input:
         if inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
             rows = _embedding_rows(graph, inp.name)
-            ranges[inp.name] = (0, (rows or 1) - 1)
+            if rows is not None:
+                sizes[inp.name] = rows
+    return sizes
+
+
+def value_ranges(onnx_path: Path) -> dict[str, tuple]:
+    """Per input, the range Polygraphy draws values from: integer inputs stay valid indices
+    (an integer input that indexes no table gets 0)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    sizes = embedding_sizes(onnx_path)
+    ranges = {}
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            ranges[inp.name] = (0, sizes.get(inp.name, 1) - 1)
         else:
             ranges[inp.name] = TIMESTEP_RANGE if inp.name == "timestep" else FLOAT_RANGE
     return ranges

@@ -107,8 +107,42 @@ def check_graph_model(server, model_dir) -> int:
         cases.append(({**good, second: np.repeat(good[second], 2, axis=0)}, "batch"))
     integers = [k for k, v in good.items() if v.dtype == np.int64 and k != "timestep"]
     for name in integers:
-        cases.append(({**good, name: np.full_like(good[name], 10**9)}, "onnxruntime refused the input"))
+        cases.append(({**good, name: np.full_like(good[name], 10**9)}, f"input {name!r} takes indices in 0.."))
+        cases.append(({**good, name: np.full_like(good[name], -1)}, f"input {name!r} takes indices in 0.."))
     for arrays, reason in cases:
         assert_invalid_argument(server, model_dir.name, arrays, reason)
     infer("http", server.http_url, model_dir.name, good)   # and a good one is still answered
     return len(cases)
+
+
+def check_mixed_batch(server, model_dir, rounds: int = 5) -> None:
+    """Good and out-of-range requests sent together, so the dynamic batcher groups them: each
+    bad one is refused alone and each good one is answered as if it had come alone. Fails
+    unless some round ran fewer executions than requests (they really met in a batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.http as http
+
+    config = parse_config((model_dir / "config.pbtxt").read_text())
+    (tensor,) = config.input   # a text encoder: token ids
+    rng = np.random.default_rng(0)
+    goods = [rng.integers(0, 100, size=[1, *tensor.dims], dtype=np.int64) for _ in range(6)]
+    alone = [infer("http", server.http_url, model_dir.name, {tensor.name: g}).as_numpy(config.output[0].name)
+             for g in goods]
+    bad = {tensor.name: np.full([1, *tensor.dims], 10**9, dtype=np.int64)}
+    client = http.InferenceServerClient(server.http_url)
+    batched = False
+    for _ in range(rounds):
+        before = client.get_inference_statistics(model_dir.name)["model_stats"][0]["execution_count"]
+        jobs = [{tensor.name: g} for g in goods] + [bad, bad]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(infer, "http", server.http_url, model_dir.name, job) for job in jobs]
+        for i, future in enumerate(futures[:len(goods)]):
+            np.testing.assert_array_equal(future.result().as_numpy(config.output[0].name), alone[i])
+        for future in futures[len(goods):]:
+            with pytest.raises(InferenceServerException, match="takes indices in 0.."):
+                future.result()
+        executions = client.get_inference_statistics(model_dir.name)["model_stats"][0]["execution_count"]
+        batched |= int(executions) - int(before) < len(goods)
+    client.close()
+    assert batched, f"{model_dir.name}: concurrent requests never met in one execution"

@@ -144,3 +144,13 @@ def test_script_unknown_subcommand_is_one_line_error():
 def test_script_parses():
     result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_serving_image_starts_the_server_with_ptqd_serves_arguments():
+    """The image's CMD is what `ptqd serve` and the Kubernetes Deployment run."""
+    import json
+
+    from ptqd.deploy.server import server_arguments
+
+    (cmd,) = [args for keyword, args in _instructions(DOCKER / "Dockerfile.serve") if keyword == "CMD"]
+    assert json.loads(cmd) == ["tritonserver", *server_arguments("/models")]

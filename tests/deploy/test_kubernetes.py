@@ -6,6 +6,7 @@ repository; the autoscaler's metric is made from counters the server really expo
 TensorRT plans cannot be built here: the GPU repository is written from stand-in plan files
 with a build record (the `_fake_plans` tests), which is all the manifests read of them."""
 import json
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from ptqd.deploy.client import request_images
-from ptqd.deploy.kubernetes import HPA_METRIC, gpu_product_label
+from ptqd.deploy.kubernetes import HPA_METRIC, HPA_PENDING_METRIC, gpu_product_label
 from ptqd.deploy.server import LocalTritonServer, free_port
 from ptqd.engines.release import TRITON_IMAGE, TRITON_RUNTIME_IMAGE
 from ptqd.runtime.conditioning import PipelineSpec
@@ -103,6 +104,7 @@ def test_every_manifest_validates_strictly_and_kustomize_builds_the_base(which, 
             # PredictorExtensionSpec); the rest are Kubernetes' PodSpec and Container
             for key in ("minReplicas", "maxReplicas"):
                 assert isinstance(predictor.pop(key), int)
+            assert all(isinstance(v, str) for v in predictor.pop("annotations").values())
             _schema_validate({**predictor, "containers": []}, "podspec-v1")
             kserve = {k: model.pop(k) for k in ("modelFormat", "runtime", "storageUri", "runtimeVersion") if k in model}
             assert kserve["modelFormat"] == {"name": "triton"} and kserve["runtime"] == "kserve-tritonserver"
@@ -149,7 +151,7 @@ def test_gpu_deployment_carries_probes_shm_gpu_image_and_repository_fake_plans(g
     assert container["image"] == TRITON_IMAGE
     assert "--model-repository=s3://models-bucket/ptqd" in container["args"]
     assert {e["name"] for e in container["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/models/ptqd_sampler/ready"   # the models are there
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     startup = container["startupProbe"]
@@ -158,10 +160,15 @@ def test_gpu_deployment_carries_probes_shm_gpu_image_and_repository_fake_plans(g
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    # requests in flight finish when a pod stops: Triton's exit timeout inside the grace period
+    exit_timeout = next(int(a.split("=")[1]) for a in container["args"] if a.startswith("--exit-timeout-secs="))
+    assert pod["terminationGracePeriodSeconds"] > exit_timeout >= 60
     (hpa,) = _documents(gpu_base_fake_plans / "hpa.yaml")
     assert hpa["spec"]["maxReplicas"] == 6
-    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]   # a serving metric, not CPU
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == HPA_METRIC
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods", "Pods"]   # serving metrics, not CPU
+    assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == [HPA_METRIC, HPA_PENDING_METRIC]
+    (deployment,) = _documents(gpu_base_fake_plans / "deployment.yaml")
+    assert "replicas" not in deployment["spec"]   # the HPA's to set
     assert not (gpu_base_fake_plans / "pvc.yaml").exists()
 
 
@@ -181,10 +188,11 @@ def test_manifest_arguments_start_the_cpu_server_on_the_repository(cpu_base, tmp
     """The container's arguments, verbatim but for the repository's path (the volume's mount
     point here) and the ports (free ones here), start the server; it answers correctly."""
     (container,) = _pod(cpu_base)["containers"]
+    assert "command" not in container and container["args"][0] == "tritonserver"   # the image's entrypoint runs it
     repository = cpu_base.parent / "triton"
     ports = {"--http-port": free_port(), "--grpc-port": free_port(), "--metrics-port": free_port()}
     arguments = []
-    for arg in container["args"]:
+    for arg in container["args"][1:]:
         flag, _, value = arg.partition("=")
         if flag == "--model-repository":
             value = str(repository)
@@ -201,13 +209,17 @@ def test_manifest_arguments_start_the_cpu_server_on_the_repository(cpu_base, tmp
         np.testing.assert_array_equal(request_images(server.http_url, 2, seed=3), np.load(local))
         with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
             metrics = response.read().decode()
-    # the counters the prometheus-adapter rule reads are there, for the model it names
+    # the series the prometheus-adapter rules read are there, for the model they name, and the
+    # rules publish the metrics the HPA asks for
     values = yaml.safe_load((cpu_base / "prometheus-adapter-values.yaml").read_text())
-    (rule,) = values["rules"]["custom"]
-    assert rule["name"]["as"] == HPA_METRIC
-    for counter in ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"):
-        assert counter in rule["metricsQuery"]
-        assert f'{counter}{{model="ptqd_sampler",version="1"}}' in metrics
+    rules = values["rules"]["custom"]
+    (hpa,) = _documents(cpu_base / "hpa.yaml")
+    assert [r["name"]["as"] for r in rules] == [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    for rule in rules:
+        names = re.findall(r"\b(nv_inference_\w+)\{", rule["metricsQuery"] + rule["seriesQuery"])
+        assert names and 'model="ptqd_sampler"' in rule["metricsQuery"]
+        for name in names:
+            assert f'{name}{{model="ptqd_sampler",version="1"}}' in metrics, name
 
 
 def test_gpu_product_label_follows_feature_discovery():

@@ -9,7 +9,7 @@ from ptqd.deploy.server import LocalTritonServer
 from ptqd.errors import UserError
 from ptqd.sample import SampleRequest, output_sampler
 from tests.conftest import run_cli
-from tests.deploy.bad_requests import check_graph_model, check_sampler
+from tests.deploy.bad_requests import check_graph_model, check_mixed_batch, check_sampler
 
 PROMPTS = ("a red cube on a table", "a blue sphere", "a yellow cone")
 
@@ -58,6 +58,7 @@ def test_text_pipeline_as_separate_models_over_bls_equals_local_sampler(tiny_tex
         # good ones fails alone
         for name in ("text_encoder", "unet_w4a8", "vae_decoder"):
             check_graph_model(server, out / "triton" / name)
+        check_mixed_batch(server, out / "triton" / "text_encoder")
         served = request_images(server.http_url, 5, seed=7, prompts=PROMPTS)
     np.testing.assert_array_equal(served, _local(out, 5, 7, PROMPTS))
 

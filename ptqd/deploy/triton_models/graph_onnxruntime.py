@@ -27,43 +27,48 @@ class TritonPythonModel:
         self.graph = OnnxRuntimeGraph(HERE / params["graph"], int(params["threads"]))
         # per-sample scalars (config `reshape: []`): the graph takes them as [batch]
         self.flat = {i.name for i in self.graph.session.get_inputs() if len(i.shape) == 1}
+        # integer inputs that index an embedding table: its rows (repository.py reads them from the graph)
+        self.index_rows = json.loads(params.get("index_rows", "{}"))
 
     def _input(self, request, name):
         array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
         return array.reshape(-1) if name in self.flat else array
 
-    def _run(self, per_request: list[dict]) -> dict:
-        names = self.graph.input_names
-        return self.graph.outputs(**{n: np.concatenate([p[n] for p in per_request]) for n in names})
+    def _bad_index(self, inputs: dict) -> str | None:
+        """Why a request's indices are out of its tables (Triton has checked names, types,
+        shapes and batch sizes against config.pbtxt), or None."""
+        for name, rows in self.index_rows.items():
+            values = inputs[name]
+            if values.size and (values.min() < 0 or values.max() >= rows):
+                bad = values[(values < 0) | (values >= rows)].reshape(-1)[0]
+                return f"input {name!r} takes indices in 0..{rows - 1}, got {bad}"
+        return None
 
     def execute(self, requests):
-        # Requests the dynamic batcher grouped are run as one onnxruntime batch; every output of
-        # the graph is answered (an SDXL text encoder's hidden states and pooled embedding).
-        # Triton has checked names, types, shapes and batch sizes against config.pbtxt; what
-        # onnxruntime still refuses is a value (an index past an embedding table): then each
-        # request runs alone, so only the bad one is answered INVALID_ARGUMENT.
+        # Requests the dynamic batcher grouped are run as one onnxruntime batch, but for those
+        # refused as the client's error (INVALID_ARGUMENT); every output of the graph is
+        # answered (an SDXL text encoder's hidden states and pooled embedding).
         names = self.graph.input_names
         per_request = [{n: self._input(r, n) for n in names} for r in requests]
-        try:
-            groups = [(per_request, self._run(per_request))]
-        except Exception:
-            groups = []
-            for inputs in per_request:
-                try:
-                    groups.append(([inputs], self._run([inputs])))
-                except Exception as exc:
-                    reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-                    groups.append(([inputs], pb_utils.TritonError(f"onnxruntime refused the input: {reason}",
-                                                                  pb_utils.TritonError.INVALID_ARG)))
-        responses = []
-        for members, outputs in groups:
-            if isinstance(outputs, pb_utils.TritonError):
-                responses.append(pb_utils.InferenceResponse(error=outputs))
+        refused = [self._bad_index(inputs) for inputs in per_request]
+        good = [inputs for inputs, why in zip(per_request, refused) if why is None]
+        outputs, error = {}, None
+        if good:
+            try:
+                outputs = self.graph.outputs(**{n: np.concatenate([p[n] for p in good]) for n in names})
+            except Exception as exc:   # the server's failure (INTERNAL), for every request of the batch
+                error = pb_utils.TritonError(f"onnxruntime: {(str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]}")
+        responses, start = [], 0
+        for inputs, why in zip(per_request, refused):
+            if why is not None:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(why, pb_utils.TritonError.INVALID_ARG)))
                 continue
-            start = 0
-            for inputs in members:
-                count = len(inputs[names[0]])
+            count = len(inputs[names[0]])
+            if error is not None:
+                responses.append(pb_utils.InferenceResponse(error=error))
+            else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, out[start:start + count]) for name, out in outputs.items()]))
-                start += count
+            start += count
         return responses

@@ -162,7 +162,7 @@ class TritonPythonModel:
                 raise ValueError(f"num_images must be in 1..{self.max_images}, got {num}")
             conditions = self.spec.check_conditions(_conditions(request, self.spec))
             return seed, num, first, conditions, _negative_prompt(request, self.spec)
-        except (ValueError, TypeError) as exc:   # UnicodeDecodeError is a ValueError
+        except ValueError as exc:   # what the checks raise; UnicodeDecodeError is one too
             raise BadRequest(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
     def _run(self, request):
