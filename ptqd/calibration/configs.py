@@ -73,6 +73,13 @@ class BitConfig:
         layout = own.weight_layout
         return own.quantized and (not layout.blocked or width % layout.block == 0)
 
+    def stays_float(self, layer, keep: tuple[str, ...]) -> bool:
+        """Whether a priced layer (calibration.layers.LayerInfo) runs in float although its kind
+        takes a quantized format here: kept by --keep, or no whole number of blocks wide. (A kind
+        whose format is float, w4a16's convolutions, runs that format: not "kept".)"""
+        return is_kept(layer.name, keep) or bool(self.for_kind(layer.kind).quantized and layer.out_elems
+                                                 and not self.quantizes(layer.kind, layer.width))
+
     def for_kind(self, kind: str) -> "BitConfig":
         """The configuration a kind of layer ("conv", "linear") takes in this one: itself, or
         another format where this one says so (nvfp4's convolutions are fp8)."""

@@ -35,7 +35,7 @@ Approximations (all figures this module returns are estimates, and labelled so b
 """
 from __future__ import annotations
 
-from ptqd.calibration.configs import BitConfig, is_kept
+from ptqd.calibration.configs import BitConfig
 from ptqd.calibration.gpus import DEFAULT_GPU, GPU, format_peak, gpu_spec
 from ptqd.calibration.layers import FloatOps, LayerInfo
 from ptqd.errors import UserError
@@ -49,9 +49,7 @@ OUTPUT_BYTES = 2         # layer outputs are FP16: Q/DQ sit on layer inputs only
 def layer_kernel(config: str, layer: LayerInfo, keep: tuple[str, ...]) -> str:
     """The TensorRT kernel a layer runs in a configuration (runtime.formats.config_kernel); FP16
     where it stays float: kept, or no whole number of its format's blocks wide."""
-    if is_kept(layer.name, keep) or (layer.out_elems and not BitConfig.parse(config).quantizes(layer.kind, layer.width)):
-        return FLOAT_KERNEL
-    return config_kernel(config, layer.kind)
+    return FLOAT_KERNEL if BitConfig.parse(config).stays_float(layer, keep) else config_kernel(config, layer.kind)
 
 
 def tensor_rate(gpu: GPU, rate: str) -> float:

@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ptqd.calibration.configs import is_kept
 from ptqd.errors import UserError
 
 if TYPE_CHECKING:  # torch-free at run time: request.py parses --mixed-precision before torch loads
@@ -65,10 +64,7 @@ def config_bops(layers: list[LayerInfo], config, keep: tuple[str, ...]) -> int:
     total = 0
     for layer in layers:
         own = config.for_kind(layer.kind)
-        # kept, or (blocked formats) no whole number of blocks wide: the layer stays float
-        floating = is_kept(layer.name, keep) or (own.quantized and layer.out_elems
-                                                 and not config.quantizes(layer.kind, layer.width))
-        bw, ba = (FLOAT_BITS, FLOAT_BITS) if floating else (own.weight_bits, own.act_bits)
+        bw, ba = (FLOAT_BITS, FLOAT_BITS) if config.stays_float(layer, keep) else (own.weight_bits, own.act_bits)
         total += layer.macs * bw * ba
     return total
 

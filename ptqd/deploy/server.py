@@ -181,7 +181,7 @@ class LocalTritonServer:
         """Every model ready, and the metrics endpoint up where metrics are on (Triton starts
         it after the HTTP endpoint answers)."""
         urls = [f"http://{self.http_url}/v2/health/ready"]
-        if f"--metrics-port={self.metrics_port}" in self.arguments and "--allow-metrics=false" not in self.arguments:
+        if "--allow-metrics=true" in self.arguments:
             urls.append(self.metrics_url)
         try:
             for url in urls:

@@ -84,11 +84,7 @@ def _embedding_rows(graph: onnx.GraphProto, name: str) -> int | None:
     return None
 
 
-def embedding_sizes(onnx_path: Path) -> dict[str, int]:
-    """Per integer input that indexes an embedding table (class labels, token ids): the
-    table's rows, the indices the graph can take (an out-of-range index is an error in ONNX
-    Runtime and undefined in TensorRT)."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+def _embedding_sizes(graph: onnx.GraphProto) -> dict[str, int]:
     sizes = {}
     for inp in graph.input:
         if inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
@@ -98,11 +94,18 @@ def embedding_sizes(onnx_path: Path) -> dict[str, int]:
     return sizes
 
 
+def embedding_sizes(onnx_path: Path) -> dict[str, int]:
+    """Per integer input that indexes an embedding table (class labels, token ids): the
+    table's rows, the indices the graph can take (an out-of-range index is an error in ONNX
+    Runtime and undefined in TensorRT)."""
+    return _embedding_sizes(onnx.load(str(onnx_path), load_external_data=False).graph)
+
+
 def value_ranges(onnx_path: Path) -> dict[str, tuple]:
     """Per input, the range Polygraphy draws values from: integer inputs stay valid indices
     (an integer input that indexes no table gets 0)."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    sizes = embedding_sizes(onnx_path)
+    sizes = _embedding_sizes(graph)
     ranges = {}
     for inp in graph.input:
         if inp.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from ptqd.deploy.model_config import parse_config, type_name
+from ptqd.deploy.model_config import TRITON_TYPES, parse_config, type_name
 
 STATUS = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
-NUMPY = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32}
+NUMPY = {triton: np.dtype(numpy) for numpy, triton in TRITON_TYPES.items()}
 
 
 def _i64(*v):
